@@ -1,0 +1,1 @@
+"""Subcommands of the ``segflu`` command line, one module each."""
