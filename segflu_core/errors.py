@@ -55,3 +55,7 @@ class UnsafePathError(SegfluError, ValueError):
 
 class EditStoreError(SegfluError):
     """The edit database cannot be opened or written."""
+
+
+class EditConflictError(SegfluError, ValueError):
+    """An edit cannot be undone on its own because a later edit changed the same tokens."""
