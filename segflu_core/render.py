@@ -151,21 +151,25 @@ def tokens_html(
 
 def sentence_html(
     tokens: Sequence[str],
-    gold_spans: Iterable[Any],
+    gold_spans: Iterable[Any] | None = None,
     predicted_spans: Iterable[Any] | None = None,
     *,
     focus: tuple[int, int] | None = None,
 ) -> str:
-    """Render a sentence with its gold entities and, optionally, the predicted ones.
+    """Render a sentence with its gold entities, its predicted entities, or both.
+
+    A layer passed as ``None`` gets no row, so free text without gold labels
+    shows the predicted row only.
 
     Returns
     -------
     str
         A single-line ``<div>`` with one row per annotation layer.
     """
-    rows = [_layer_row("gold", tokens_html(tokens, gold_spans, focus=focus))]
-    if predicted_spans is not None:
-        rows.append(_layer_row("predicted", tokens_html(tokens, predicted_spans, focus=focus)))
+    rows = []
+    for name, spans in (("gold", gold_spans), ("predicted", predicted_spans)):
+        if spans is not None:
+            rows.append(_layer_row(name, tokens_html(tokens, spans, focus=focus)))
     return '<div class="segflu-sentence">' + "".join(rows) + "</div>"
 
 

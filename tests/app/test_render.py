@@ -140,3 +140,16 @@ def test_tag_change_rejects_unequal_lengths():
 def test_label_color_is_stable():
     assert render.label_color("PER") == render.label_color("PER")
     assert render.label_color("PER") in render.PALETTE
+
+
+def test_sentence_rows_follow_given_layers():
+    tokens = ["Ann", "went", "home"]
+
+    both = render.sentence_html(tokens, [(0, 1, "PER")], [(2, 3, "LOC")])
+    predicted_only = render.sentence_html(tokens, None, [(2, 3, "LOC")])
+
+    assert parse(both).marks == ["Ann PER", "home LOC"]
+    assert ">gold<" in both
+    assert ">predicted<" in both
+    assert ">gold<" not in predicted_only
+    assert parse(predicted_only).marks == ["home LOC"]
