@@ -59,3 +59,7 @@ class EditStoreError(SegfluError):
 
 class EditConflictError(SegfluError, ValueError):
     """An edit cannot be undone on its own because a later edit changed the same tokens."""
+
+
+class ExportTargetExistsError(SegfluError, FileExistsError):
+    """An export would replace an existing file, and overwriting was not requested."""
