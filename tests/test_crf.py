@@ -26,7 +26,7 @@ LENGTHS = [4, 1, 3, 2]
 
 
 def make_inputs(seed: int, lengths=LENGTHS, num_tags=NUM_TAGS, dtype=torch.float64, scale=1.0):
-    """Random potentials and gold tags for a padded batch with the given sentence lengths."""
+    """Draw random potentials and gold tags for a padded batch with the given sentence lengths."""
     generator = torch.Generator().manual_seed(seed)
     batch, seq_len = len(lengths), max(lengths)
     emissions = torch.randn(batch, seq_len, num_tags, generator=generator, dtype=dtype) * scale
@@ -41,7 +41,7 @@ def make_inputs(seed: int, lengths=LENGTHS, num_tags=NUM_TAGS, dtype=torch.float
 
 
 def sequence_score(emissions, path, transitions, start, end) -> float:
-    """Score of one tag sequence of one sentence, written out term by term."""
+    """Compute the score of one tag sequence of one sentence, term by term."""
     score = start[path[0]] + end[path[-1]]
     for t, tag in enumerate(path):
         score = score + emissions[t, tag]
@@ -178,7 +178,7 @@ def test_viterbi_rejects_fully_forbidden_sentence():
 
 
 def all_segments():
-    """Every (sentence, start, end) with 0 <= start < end <= length."""
+    """Yield every (sentence, start, end) with 0 <= start < end <= length."""
     for i, length in enumerate(LENGTHS):
         for seg_start in range(length):
             for seg_end in range(seg_start + 1, length + 1):
@@ -216,7 +216,7 @@ def test_whole_sentence_segment_is_unconstrained():
 
 
 def conditional_negative_log_likelihood(emissions, tags, mask, transitions, start, end, seg_start, seg_end):
-    """The segment's conditional NLL built from two log-partitions, for autograd."""
+    """Compute the segment's conditional negative log-likelihood from a clamped log-partition, for autograd."""
     length = int(mask.sum())
     gold = tags[0, :length].tolist()
     # Forbidding every other tag outside the segment leaves the paths that agree with the gold tags there.
@@ -265,6 +265,31 @@ def test_segment_residuals_and_pairwise_match_autograd():
         inside[0, seg_start:seg_end] = 1.0
         gold_one_hot = one_hot[tags[i : i + 1].clamp(min=0)] * inside
         assert_close(result.residuals, result.marginals - gold_one_hot)
+
+
+def test_segment_log_likelihood_backpropagates_residuals():
+    emissions, tags, mask, transitions, start, end = make_inputs(19)
+    emissions = emissions.clone().requires_grad_(True)
+    seg_start = torch.tensor([1, 0, 0, 1])
+    seg_end = torch.tensor([3, 1, 2, 2])
+    result = segment_conditional(emissions, tags, mask, transitions, start, end, seg_start, seg_end)
+    (emission_grad,) = torch.autograd.grad(-result.log_likelihood.sum(), emissions)
+    assert_close(emission_grad, result.residuals.detach())
+
+
+def test_single_token_sentences():
+    emissions, tags, mask, transitions, start, end = make_inputs(20, lengths=[1, 1])
+    edges = pairwise_marginals(emissions, mask, transitions, start, end)
+    assert edges.shape == (2, 0, NUM_TAGS, NUM_TAGS)
+    result = segment_conditional(
+        emissions, tags, mask, transitions, start, end, torch.tensor([0, 0]), torch.tensor([1, 1])
+    )
+    assert result.pairwise.shape == (2, 0, NUM_TAGS, NUM_TAGS)
+    # A one-token sentence is a softmax over start + emission + end.
+    expected = torch.softmax(emissions[:, 0] + start + end, dim=-1)
+    assert_close(result.marginals[:, 0], expected)
+    assert_close(marginals(emissions, mask, transitions, start, end)[:, 0], expected)
+    assert viterbi_decode(emissions, mask, transitions, start, end) == [[int(x)] for x in expected.argmax(dim=-1)]
 
 
 def test_segment_pairwise_is_zero_away_from_segment():
