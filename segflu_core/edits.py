@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import sqlite3
 import stat
@@ -302,7 +303,7 @@ class EditStore:
 
         Nothing is saved. ``label`` ``None`` or ``"O"`` removes the entity.
         """
-        _check_span(current_tags, start, end)
+        start, end = _check_span(current_tags, start, end)
         new_tags = relabel_span(list(current_tags), start, end, _normalize_label(label))
         return [(i, old, new) for i, (old, new) in enumerate(zip(current_tags, new_tags)) if old != new]
 
@@ -345,10 +346,12 @@ class EditStore:
         Edit
             The saved edit. It is committed when this method returns.
         """
-        _check_location(split, sentence)
-        _check_span(current_tags, start, end)
+        sentence = _check_location(split, sentence)
+        start, end = _check_span(current_tags, start, end)
         label = _normalize_label(label)
-        origin_json = json.dumps(origin, sort_keys=True) if origin is not None else None
+        if not isinstance(note, str):
+            raise ValueError(f"expected note to be a string, got {note!r}")
+        origin_json = _origin_json(origin)
         created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
         with self._transaction(write=True) as connection:
             tags = self._stored_tags(connection, split, sentence, current_tags)
@@ -565,13 +568,36 @@ def _normalize_label(label: str | None) -> str | None:
     return label
 
 
-def _check_location(split: str, sentence: int) -> None:
+def _as_position(value: Any, name: str) -> int:
+    """Return ``value`` as a Python int; NumPy integers from data frames are accepted too."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer {name}, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"expected an integer {name}, got {value!r}") from None
+
+
+def _check_location(split: str, sentence: Any) -> int:
     if not isinstance(split, str) or not split:
         raise ValueError(f"expected a split name such as 'train', got {split!r}")
-    if isinstance(sentence, bool) or not isinstance(sentence, int) or sentence < 0:
-        raise ValueError(f"expected a sentence position >= 0, got {sentence!r}")
+    sentence = _as_position(sentence, "sentence position")
+    if sentence < 0:
+        raise ValueError(f"expected a sentence position >= 0, got {sentence}")
+    return sentence
 
 
-def _check_span(tags: Sequence[str], start: int, end: int) -> None:
+def _check_span(tags: Sequence[str], start: Any, end: Any) -> tuple[int, int]:
+    start, end = _as_position(start, "start"), _as_position(end, "end")
     if not 0 <= start < end <= len(tags):
         raise ValueError(f"expected a span [start, end) with 0 <= start < end <= {len(tags)}, got [{start}, {end})")
+    return start, end
+
+
+def _origin_json(origin: dict[str, Any] | None) -> str | None:
+    if origin is None:
+        return None
+    try:
+        return json.dumps(origin, sort_keys=True)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"expected a JSON-serialisable origin, got {origin!r} ({error})") from None

@@ -198,7 +198,19 @@ def test_relabel_rejects_invalid_input(store):
         store.relabel("train", 0, 0, 1, "B-PER", current_tags=["O"])
     with pytest.raises(ValueError, match="sentence position"):
         store.relabel("train", -1, 0, 1, "PER", current_tags=["O"])
+    with pytest.raises(ValueError, match="JSON-serialisable origin"):
+        store.relabel("train", 0, 0, 1, "PER", current_tags=["O"], origin={"scores": {1.5, 2.5}})
     assert store.edits(include_undone=True) == []
+
+
+def test_relabel_accepts_numpy_positions(store):
+    import numpy as np
+
+    edit = store.relabel("train", np.int64(2), np.int64(0), np.int64(1), "PER", current_tags=["O", "O"])
+
+    assert (edit.sentence, edit.start, edit.end) == (2, 0, 1)
+    assert type(edit.sentence) is int
+    assert store.changed_sentences("train") == [2]
 
 
 def test_apply_detects_changed_data(store):

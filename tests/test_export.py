@@ -255,3 +255,15 @@ def test_cli_export(tmp_path, capsys):
     code = main(["export", str(project), str(tmp_path / "imported" / "train.conll")])
     assert code == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_rejects_path_outside_allowed(tmp_path, capsys):
+    project, _ = edited_project(tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+
+    code = main(["export", str(project), str(outside / "x.conll"), "--allow-dir", str(project)])
+
+    assert code == 2
+    assert "outside the allowed folders" in capsys.readouterr().err
+    assert list(outside.iterdir()) == []
