@@ -243,8 +243,8 @@ def detect_scheme(tag_sequences: Iterable[Sequence[str]]) -> str:
 
     Returns ``"bioes"`` when any ``S-`` or ``E-`` tag occurs. Otherwise returns
     ``"iob1"`` when ``I-`` tags start spans (after ``O``, a sentence boundary or
-    another type) at least as often as ``B-`` tags start spans that do not
-    follow the same type, and ``"iob2"`` else. Counting both keeps an IOB2 file
+    another type) more often than ``B-`` tags start spans that do not follow
+    the same type, and ``"iob2"`` else. Counting both keeps an IOB2 file
     with a few stray ``I-`` tags from being read as IOB1.
     """
     inside_starts = 0
@@ -262,7 +262,7 @@ def detect_scheme(tag_sequences: Iterable[Sequence[str]]) -> str:
                 inside_starts += prefix == "I"
                 unneeded_begins += prefix == "B"
             previous_label = label
-    return "iob1" if inside_starts and inside_starts >= unneeded_begins else "iob2"
+    return "iob1" if inside_starts > unneeded_begins else "iob2"
 
 
 def find_tag_problems(tags: Sequence[str], scheme: str) -> list[TagProblem]:
