@@ -104,6 +104,8 @@ def _check_parameters(
             raise ValueError(f"expected {name} of shape {shape} for {num_tags} tags, got {tuple(value.shape)}")
         if value.dtype != emissions.dtype:
             raise ValueError(f"expected {name} of dtype {emissions.dtype} like the emissions, got {value.dtype}")
+        if value.device != emissions.device:
+            raise ValueError(f"expected {name} on device {emissions.device} like the emissions, got {value.device}")
 
 
 def _check_mask(mask: Tensor, emissions: Tensor) -> Tensor:
@@ -152,9 +154,15 @@ def _validate(
     transitions: Tensor,
     start_transitions: Tensor,
     end_transitions: Tensor,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
+    """Check the inputs, and return the emissions with zeros at padding and the mask as bool.
+
+    Zeroing the padding keeps non-finite padding values out of every result
+    and gradient.
+    """
     _check_parameters(emissions, transitions, start_transitions, end_transitions)
-    return _check_mask(mask, emissions)
+    mask = _check_mask(mask, emissions)
+    return torch.where(mask[..., None], emissions, torch.zeros_like(emissions)), mask
 
 
 # ---------------------------------------------------------------------------
@@ -253,11 +261,15 @@ def _path_score(
 
 def _forward_backward(
     emissions: Tensor, mask: Tensor, transitions: Tensor, start: Tensor, end: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Validate the inputs and return the bool mask with the forward and backward log-messages."""
-    mask = _validate(emissions, mask, transitions, start, end)
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Validate the inputs and run the forward and backward passes.
+
+    Returns the emissions with zeros at padding, the bool mask, and the
+    forward and backward log-messages.
+    """
+    emissions, mask = _validate(emissions, mask, transitions, start, end)
     alphas, _ = _forward(emissions, mask, transitions, start, end)
-    return mask, alphas, _backward(emissions, mask, transitions, end)
+    return emissions, mask, alphas, _backward(emissions, mask, transitions, end)
 
 
 # ---------------------------------------------------------------------------
@@ -279,7 +291,8 @@ def log_partition(
     emissions : Tensor
         ``(batch, seq_len, num_tags)`` float.
     mask : Tensor
-        ``(batch, seq_len)`` bool, a left-aligned prefix of ones.
+        ``(batch, seq_len)`` bool, a left-aligned prefix of ones whose first
+        column is all ones. An integer mask of zeros and ones is accepted too.
     transitions : Tensor
         ``(num_tags, num_tags)``, same dtype as ``emissions``.
     start_transitions, end_transitions : Tensor
@@ -290,7 +303,7 @@ def log_partition(
     Tensor
         ``(batch,)`` in the dtype of ``emissions``, differentiable.
     """
-    mask = _validate(emissions, mask, transitions, start_transitions, end_transitions)
+    emissions, mask = _validate(emissions, mask, transitions, start_transitions, end_transitions)
     return _forward(emissions, mask, transitions, start_transitions, end_transitions)[1]
 
 
@@ -308,7 +321,7 @@ def path_score(
     positions are ignored. Returns a ``(batch,)`` tensor in the dtype of ``emissions``.
     See :func:`log_partition` for the other shapes.
     """
-    mask = _validate(emissions, mask, transitions, start_transitions, end_transitions)
+    emissions, mask = _validate(emissions, mask, transitions, start_transitions, end_transitions)
     tags = _check_tags(tags, emissions, mask)
     return _path_score(emissions, tags, mask, transitions, start_transitions, end_transitions)
 
@@ -326,7 +339,7 @@ def marginals(
     ``emissions`` whose rows at masked positions are zero and whose other rows
     sum to one. See :func:`log_partition` for the input shapes.
     """
-    mask, alphas, betas = _forward_backward(emissions, mask, transitions, start_transitions, end_transitions)
+    _, mask, alphas, betas = _forward_backward(emissions, mask, transitions, start_transitions, end_transitions)
     return _node_marginals(alphas, betas, mask)
 
 
@@ -343,7 +356,9 @@ def pairwise_marginals(
     of ``emissions``. Entry ``[b, t]`` is zero where position ``t + 1`` is
     masked. See :func:`log_partition` for the input shapes.
     """
-    mask, alphas, betas = _forward_backward(emissions, mask, transitions, start_transitions, end_transitions)
+    emissions, mask, alphas, betas = _forward_backward(
+        emissions, mask, transitions, start_transitions, end_transitions
+    )
     return _edge_marginals(emissions, mask, transitions, alphas, betas)
 
 
@@ -414,7 +429,7 @@ def viterbi_decode(
         On invalid inputs, or when the masks forbid every tag sequence of a
         sentence.
     """
-    mask = _validate(emissions, mask, transitions, start_transitions, end_transitions)
+    emissions, mask = _validate(emissions, mask, transitions, start_transitions, end_transitions)
     with torch.no_grad():
         start = _allowed_scores(start_transitions, allowed_start, "allowed_start")
         moves = _allowed_scores(transitions, allowed, "allowed")
@@ -573,7 +588,7 @@ def segment_conditional(
         ``log_likelihood`` has shape ``(batch,)``. See
         :class:`SegmentConditional` for the other fields.
     """
-    mask = _validate(emissions, mask, transitions, start_transitions, end_transitions)
+    emissions, mask = _validate(emissions, mask, transitions, start_transitions, end_transitions)
     tags = _check_tags(tags, emissions, mask)
     lengths = mask.sum(dim=1)
     seg_start, seg_end = _check_segments(seg_start, seg_end, lengths)
@@ -618,7 +633,7 @@ def word_conditional(
         ``marginals`` and ``residuals`` ``(batch, seq_len, num_tags)``;
         ``pairwise`` is None.
     """
-    mask = _validate(emissions, mask, transitions, start_transitions, end_transitions)
+    emissions, mask = _validate(emissions, mask, transitions, start_transitions, end_transitions)
     tags = _check_tags(tags, emissions, mask)
     batch, seq_len, num_tags = emissions.shape
     # Score of entering each tag from the gold tag before it.
@@ -699,7 +714,7 @@ class CRF(torch.nn.Module):
         if reduction not in REDUCTIONS:
             raise ValueError(f"expected reduction to be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
         emissions, mask, transitions, start, end = self._parameters_and_mask(emissions, mask)
-        mask = _validate(emissions, mask, transitions, start, end)
+        emissions, mask = _validate(emissions, mask, transitions, start, end)
         tags = _check_tags(tags, emissions, mask)
         log_likelihood = _path_score(emissions, tags, mask, transitions, start, end) - _forward(
             emissions, mask, transitions, start, end

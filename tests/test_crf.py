@@ -349,6 +349,24 @@ def test_batched_kernels_equal_single_sentences():
         assert paths[i] == viterbi_decode(row, row_mask, transitions, start, end)[0]
 
 
+def test_padding_values_are_ignored():
+    emissions, tags, mask, transitions, start, end = make_inputs(21)
+    noisy = emissions.masked_fill(~mask[..., None], float("nan")).requires_grad_(True)
+    potentials = (transitions, start, end)
+    assert_close(log_partition(noisy, mask, *potentials), log_partition(emissions, mask, *potentials))
+    assert_close(marginals(noisy, mask, *potentials), marginals(emissions, mask, *potentials))
+    assert_close(pairwise_marginals(noisy, mask, *potentials), pairwise_marginals(emissions, mask, *potentials))
+    assert viterbi_decode(noisy, mask, *potentials) == viterbi_decode(emissions, mask, *potentials)
+    words = word_conditional(noisy, tags, mask, *potentials)
+    assert_close(words.residuals, word_conditional(emissions, tags, mask, *potentials).residuals)
+    lengths = mask.sum(dim=1)
+    segment = segment_conditional(noisy, tags, mask, *potentials, lengths - 1, lengths)
+    clean_segment = segment_conditional(emissions, tags, mask, *potentials, lengths - 1, lengths)
+    assert_close(segment.pairwise, clean_segment.pairwise)
+    (emission_grad,) = torch.autograd.grad(log_partition(noisy, mask, *potentials).sum(), noisy)
+    assert_close(emission_grad, marginals(emissions, mask, *potentials))
+
+
 def test_reductions():
     emissions, tags, mask, transitions, start, end = make_inputs(14)
     crf = CRF(NUM_TAGS).double()
