@@ -124,8 +124,12 @@ def _check_mask(mask: Tensor, emissions: Tensor) -> Tensor:
     if not bool(mask[:, 0].all()):
         first_empty = int((~mask[:, 0]).nonzero()[0, 0])
         raise ValueError(f"expected the first mask column to be all True, got False in sentence {first_empty}")
-    if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
-        raise ValueError("expected every mask row to be a left-aligned prefix of True, got a gap")
+    gaps = (mask[:, 1:] & ~mask[:, :-1]).any(dim=1)
+    if bool(gaps.any()):
+        sentence = int(gaps.nonzero()[0, 0])
+        raise ValueError(
+            f"expected every mask row to be a left-aligned prefix of True, got a gap in sentence {sentence}"
+        )
     return mask
 
 
