@@ -198,6 +198,8 @@ def read_hf_dataset(
         )
     names = _tag_names(dataset)
     has_ids = "id" in dataset.column_names
+    has_doc_ids = "doc_id" in dataset.column_names
+    documents: dict[str, int] = {}
     sentences: list[Sentence] = []
     for row, record in enumerate(dataset):
         tokens = _as_list(record["tokens"], "tokens", row, sink)
@@ -209,6 +211,10 @@ def read_hf_dataset(
         if len(tokens) != len(tags) or not all(isinstance(tag, str) for tag in tags):
             sink.add(f"row {row}: expected one string tag per token, got {tags[:10]!r} for {len(tokens)} tokens")
             continue
-        sentences.append(Sentence([str(token) for token in tokens], tags, 0, id=str(record["id"]) if has_ids else None))
+        doc_id = str(record["doc_id"]) if has_doc_ids and record["doc_id"] is not None else None
+        doc = documents.setdefault(doc_id, len(documents)) if doc_id is not None else 0
+        sentence_id = str(record["id"]) if has_ids and record["id"] is not None else None
+        sentences.append(Sentence([str(token) for token in tokens], tags, doc, doc_id, sentence_id))
     found, problems, _, loaded_tags = resolve_tags(sentences, scheme=scheme, repair=repair, sink=sink)
-    return Corpus(sentences, path, "hf", found, problems, 1 if sentences else 0, loaded_tags=loaded_tags)
+    num_documents = max(len(documents), 1 if sentences else 0)
+    return Corpus(sentences, path, "hf", found, problems, num_documents, loaded_tags=loaded_tags)

@@ -334,6 +334,19 @@ def test_hf_single_dataset_and_parquet(tmp_path):
     assert [s.tags for s in corpus.sentences] == [["B-PER", "I-PER", "O"], ["B-LOC"]]
 
 
+def test_hf_local_files(tmp_path):
+    pytest.importorskip("datasets")
+    csv = tmp_path / "data.csv"
+    csv.write_text("tokens,ner_tags\n\"['John', 'Smith']\",\"['B-PER', 'I-PER']\"\n", encoding="utf-8")
+    corpus = read_corpus(csv)
+    assert corpus.format == "hf"
+    assert corpus.sentences[0].tokens == ["John", "Smith"]
+    assert corpus.sentences[0].tags == ["B-PER", "I-PER"]
+    from_json = read_corpus(DATA / "sample.jsonl", format="hf")
+    assert [s.tags for s in from_json.sentences] == [s.tags for s in read_jsonl(DATA / "sample.jsonl").sentences]
+    assert from_json.documents == [[0, 1], [2]]
+
+
 def test_hf_missing_column(tmp_path):
     datasets = pytest.importorskip("datasets")
     folder = tmp_path / "saved"
