@@ -19,28 +19,41 @@ from tests.synthetic import make_corpus
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Makes COUNT edits, one per sentence starting at FIRST, prints each id once
-# its call has returned, and kills itself with SIGKILL after KILL_AFTER edits
-# (0: never).
+# Waits until the file GO exists (when given), then makes COUNT edits and
+# prints each id once its call has returned. Edit i relabels a random span of
+# one to three tokens of sentence FIRST + i, or of sentence i % 3 when SHARED
+# is 1, always passing all-O tags as the caller's view. The writer kills itself with
+# SIGKILL after KILL_AFTER edits (0: never).
 WRITER = """
-import os, signal, sys
+import os, random, signal, sys, time
 from segflu_core.edits import EditStore
 
-path, first, count, kill_after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+path, first, count, kill_after, shared, go = sys.argv[1:7]
+first, count, kill_after, shared = int(first), int(count), int(kill_after), shared == "1"
 store = EditStore(path)
+while go and not os.path.exists(go):
+    time.sleep(0.005)
+rng = random.Random(first)
 tags = ["O"] * 6
 for i in range(count):
-    edit = store.relabel("train", first + i, i % 6, i % 6 + 1, "PER", current_tags=tags, note=f"writer {first}")
+    sentence = i % 3 if shared else first + i
+    start = rng.randrange(6)
+    end = rng.randrange(start + 1, min(start + 3, 6) + 1)
+    label = rng.choice(["PER", "LOC", None])
+    edit = store.relabel("train", sentence, start, end, label, current_tags=tags, note=f"writer {first}")
     print(edit.id, flush=True)
     if i + 1 == kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def start_writer(database: Path, *, first: int, count: int, kill_after: int = 0) -> subprocess.Popen:
+def start_writer(
+    database: Path, *, first: int, count: int, kill_after: int = 0, shared: bool = False, go: Path | None = None
+) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    arguments = [str(database), str(first), str(count), str(kill_after), "1" if shared else "0", str(go or "")]
     return subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(database), str(first), str(count), str(kill_after)],
+        [sys.executable, "-c", WRITER, *arguments],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -169,11 +182,14 @@ def test_stale_tags_keep_other_session_edit(tmp_path):
     tab_two = EditStore(tmp_path / "edits.sqlite")
     tags = ["O", "O", "O", "O"]
 
-    tab_one.relabel("train", 0, 0, 1, "PER", current_tags=tags)
-    edit = tab_two.relabel("train", 0, 2, 4, "LOC", current_tags=tags)
+    tab_one.relabel("train", 0, 0, 3, "PER", current_tags=tags)
+    # Tab two still shows all-O tags and removes the middle token from the
+    # person tab one just made, which leaves two one-token persons.
+    edit = tab_two.relabel("train", 0, 1, 2, None, current_tags=tags)
 
-    assert tab_one.apply("train", [tags]) == [["B-PER", "O", "B-LOC", "I-LOC"]]
-    assert edit.old_tags == ("O", "O")
+    assert tab_one.apply("train", [tags]) == [["B-PER", "O", "B-PER", "O"]]
+    assert edit.old_tags == ("I-PER", "I-PER")
+    assert edit.new_tags == ("O", "B-PER")
 
 
 def test_edit_filters(store):
@@ -254,7 +270,9 @@ def test_two_processes_lose_no_edit(tmp_path):
     database = tmp_path / "edits.sqlite"
     EditStore(database)
 
-    writers = [start_writer(database, first=first, count=100) for first in (0, 100)]
+    go = tmp_path / "go"
+    writers = [start_writer(database, first=first, count=100, go=go) for first in (0, 100)]
+    go.touch()
     results = [writer.communicate(timeout=120) for writer in writers]
 
     for writer, (_, errors) in zip(writers, results):
@@ -306,3 +324,24 @@ def test_locked_database_raises(tmp_path):
         blocker.close()
 
     assert store.edits() == [saved]
+
+
+def test_concurrent_stale_writers_match_replay(tmp_path):
+    database = tmp_path / "edits.sqlite"
+    EditStore(database)
+    go = tmp_path / "go"
+
+    writers = [start_writer(database, first=first, count=30, shared=True, go=go) for first in (0, 1)]
+    go.touch()
+    results = [writer.communicate(timeout=120) for writer in writers]
+
+    for writer, (_, errors) in zip(writers, results):
+        assert writer.returncode == 0, errors
+    edits = EditStore(database).edits()
+    assert len(edits) == 60
+    # Both writers pass stale all-O tags, so every edit must have been applied
+    # to the tags stored before it, in the order of the edit ids.
+    expected = [["O"] * 6 for _ in range(3)]
+    for edit in edits:
+        expected[edit.sentence] = relabel_span(expected[edit.sentence], edit.start, edit.end, edit.label)
+    assert EditStore(database).apply("train", [["O"] * 6] * 3) == expected
