@@ -1,0 +1,263 @@
+"""Rank training items by their influence on a test segment, or by feature similarity.
+
+A query is a segment ``[start, end)`` of one sentence with word features and
+labels (gold or predicted). Influence methods score training words, gold
+spans or sentences with the closed-form factorisation of
+:mod:`segflu_core.influence.scores` and return the ``top_k`` most supporting
+(most negative score) and ``top_k`` most opposing items. Nearest-neighbour
+methods return the ``top_k`` training words most similar to the segment's
+mean feature.
+
+``method="instance"`` is instance-level influence: the query gradient is the
+loss of the whole test sentence and the training items are sentences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from segflu_core.errors import IndexNotBuiltError
+from segflu_core.influence import conflicts, neighbors
+from segflu_core.influence.head import HeadParams
+from segflu_core.influence.index import InfluenceIndex
+from segflu_core.influence.scores import grouped_scores, segment_gradient, word_scores
+
+METHODS = ("segment", "instance", "nn-dot", "nn-cosine")
+GRANULARITIES = ("word", "span", "sentence")
+LABEL_SOURCES = ("gold", "predicted")
+COLUMNS = ["sentence", "doc", "start", "end", "tokens", "gold", "score", "role", "conflict"]
+# Rows of the feature matrix per float64 block inside the score kernels.
+SCORE_CHUNK = 65536
+
+
+@dataclass
+class Query:
+    """A segment to explain.
+
+    Attributes
+    ----------
+    features : numpy.ndarray
+        float32, shape (n, d): features of the words of the query sentence.
+    labels : numpy.ndarray
+        int64, shape (n,): the labels the segment is explained under.
+    start, end : int
+        The segment ``[start, end)``.
+    train_sentence : int or None
+        The sentence's position in the training split when the query is a
+        training sentence, so nearest-neighbour results can leave it out.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    start: int
+    end: int
+    train_sentence: int | None = None
+
+
+def check_options(method: str, granularity: str, label_filter: str | None, top_k: int) -> None:
+    """Validate the options of :func:`explain_query`."""
+    if method not in METHODS:
+        raise ValueError(f"expected method in {METHODS}, got {method!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"expected granularity in {GRANULARITIES}, got {granularity!r}")
+    if label_filter not in (None, "same", "different"):
+        raise ValueError(f"expected label_filter None, 'same' or 'different', got {label_filter!r}")
+    if label_filter is not None and granularity == "sentence" and method in ("segment", "instance"):
+        raise ValueError("expected label_filter None for sentence granularity, got "
+                         f"{label_filter!r}; sentences have no single gold label")
+    if not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ValueError(f"expected top_k >= 1, got {top_k!r}")
+
+
+def query_vector(index: InfluenceIndex, query: Query, *, instance: bool, hessian: bool) -> HeadParams:
+    """Return ``Q = g_test`` or ``Q = H⁻¹ g_test`` for the query segment (the whole sentence when ``instance``)."""
+    start, end = (0, len(query.labels)) if instance else (query.start, query.end)
+    gradient = segment_gradient(query.features, query.labels, index.head, start, end)
+    if not hessian:
+        return gradient
+    if not index.has("hessian_factor"):
+        raise IndexNotBuiltError(
+            f"{index.folder}: the index has no Hessian factor; rebuild it with "
+            f"`segflu index {index.folder.parent} --refit-head --hessian`"
+        )
+    from segflu_core.influence.hessian import solve_params
+
+    return solve_params(np.asarray(index["hessian_factor"]), gradient)
+
+
+def influence_scores(index: InfluenceIndex, query: HeadParams, granularity: str) -> np.ndarray:
+    """Score every training word, span or sentence; negative scores support the query segment.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, shape (num_items,).
+    """
+    features = index.features("train")
+    if granularity == "word":
+        return word_scores(query, features, index["train_word_residuals"], index["train_prev_gold"],
+                           index["train_next_gold"], chunk_size=SCORE_CHUNK)
+    prefix = "span" if granularity == "span" else "sentence"
+    group_ids = index["train_span_ids"] if granularity == "span" else index["train_sentence_ids"]
+    return grouped_scores(query, features, index[f"train_{prefix}_residuals"], group_ids,
+                          index[f"train_{prefix}_transitions"], index[f"train_{prefix}_start_gradient"],
+                          index[f"train_{prefix}_end_gradient"], chunk_size=SCORE_CHUNK)
+
+
+def select_influential(scores: np.ndarray, top_k: int, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pick the ``top_k`` most negative and ``top_k`` most positive scores.
+
+    Items with a score of exactly zero are neither supporting nor opposing
+    and are never returned.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        Item indices sorted by ascending score, int64, and their roles,
+        ``"supporting"`` or ``"opposing"``.
+    """
+    candidates = np.arange(len(scores)) if keep is None else np.flatnonzero(keep)
+    values = scores[candidates]
+    supporting = _extreme(candidates[values < 0], scores, top_k, smallest=True)
+    opposing = _extreme(candidates[values > 0], scores, top_k, smallest=False)
+    chosen = np.concatenate([supporting, opposing])
+    order = np.argsort(scores[chosen], kind="stable")
+    roles = np.where(scores[chosen] < 0, "supporting", "opposing")
+    return chosen[order], roles[order]
+
+
+def _extreme(candidates: np.ndarray, scores: np.ndarray, top_k: int, *, smallest: bool) -> np.ndarray:
+    if len(candidates) <= top_k:
+        return candidates
+    keys = scores[candidates] if smallest else -scores[candidates]
+    return candidates[np.argpartition(keys, top_k - 1)[:top_k]]
+
+
+def item_bounds(index: InfluenceIndex, granularity: str, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the training sentence and word bounds ``[start, end)`` of each item, int64 arrays of shape (k,)."""
+    if granularity == "word":
+        sentence = np.asarray(index["train_sentence_ids"][items], dtype=np.int64)
+        start = np.asarray(index["train_positions"][items], dtype=np.int64)
+        return sentence, start, start + 1
+    if granularity == "span":
+        return tuple(np.asarray(index[f"train_span_{name}"][items], dtype=np.int64) for name in ("sentence", "start", "end"))
+    offsets = index["train_sentence_offsets"]
+    sentence = np.asarray(items, dtype=np.int64)
+    return sentence, np.zeros_like(sentence), (offsets[sentence + 1] - offsets[sentence]).astype(np.int64)
+
+
+def item_types(index: InfluenceIndex, granularity: str, type_of_label: np.ndarray) -> np.ndarray:
+    """Return the gold label type index of every training word or span (the type of the span's first word)."""
+    gold = np.asarray(index["train_gold"], dtype=np.int64)
+    if granularity == "span":
+        first_word = index["train_sentence_offsets"][index["train_span_sentence"]] + index["train_span_start"]
+        gold = gold[first_word]
+    return type_of_label[gold]
+
+
+def conflict_units(index: InfluenceIndex, sentences, bounds, granularity: str, type_of_label: np.ndarray) -> conflicts.ConflictUnits:
+    """Describe returned items by their words: one unit per word or span, one per word of a sentence."""
+    offsets = index["train_sentence_offsets"]
+    features = index.features("train")
+    gold = index["train_gold"]
+    item_ids, forms, unit_features, types = [], [], [], []
+    for item, (sentence, start, end) in enumerate(zip(*bounds)):
+        first = offsets[sentence]
+        tokens = sentences[sentence].tokens
+        if granularity == "sentence":
+            positions = range(start, end)
+            parts = [(tokens[t].lower(), features[first + t], gold[first + t]) for t in positions]
+        else:
+            text = " ".join(tokens[start:end]).lower()
+            parts = [(text, features[first + start : first + end].mean(axis=0), gold[first + start])]
+        for form, feature, label in parts:
+            item_ids.append(item)
+            forms.append(form)
+            unit_features.append(feature)
+            types.append(type_of_label[label])
+    dim = features.shape[1]
+    return conflicts.ConflictUnits(
+        np.array(item_ids, dtype=np.int64),
+        forms,
+        np.array(unit_features, dtype=np.float32).reshape(-1, dim),
+        np.array(types, dtype=np.int64),
+    )
+
+
+def rows_frame(sentences, bounds, scores: np.ndarray, roles, conflict: np.ndarray) -> pd.DataFrame:
+    """Build the result table with the columns of :data:`COLUMNS`."""
+    records = []
+    for (sentence, start, end), score, role, flag in zip(zip(*bounds), scores, roles, conflict):
+        item = sentences[sentence]
+        records.append({
+            "sentence": int(sentence),
+            "doc": int(item.doc),
+            "start": int(start),
+            "end": int(end),
+            "tokens": " ".join(item.tokens[start:end]),
+            "gold": " ".join(item.tags[start:end]),
+            "score": float(score),
+            "role": str(role),
+            "conflict": bool(flag),
+        })
+    return pd.DataFrame.from_records(records, columns=COLUMNS)
+
+
+def nearest_items(index: InfluenceIndex, query: Query, *, metric: str, keep, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the ``top_k`` nearest training words to the segment's mean feature and their similarities."""
+    segment_mean = query.features[query.start : query.end].mean(axis=0)
+    norms = None
+    if metric == "cosine":
+        norms = index.cached("train_feature_norms", lambda: np.linalg.norm(index.features("train"), axis=1))
+    similarities = neighbors.segment_similarities(segment_mean, index.features("train"), metric=metric, feature_norms=norms)
+    exclude = None
+    if query.train_sentence is not None:
+        first = int(index["train_sentence_offsets"][query.train_sentence])
+        exclude = np.arange(first + query.start, first + query.end)
+    items = neighbors.top_neighbours(similarities, top_k=top_k, keep=keep, exclude=exclude)
+    return items, similarities[items]
+
+
+def explain_query(
+    index: InfluenceIndex,
+    sentences,
+    query: Query,
+    *,
+    method: str = "segment",
+    granularity: str = "word",
+    hessian: bool = False,
+    label_filter: str | None = None,
+    top_k: int = 20,
+) -> pd.DataFrame:
+    """Rank training items for a query segment; see :meth:`segflu_core.project.Project.explain`.
+
+    ``sentences`` are the training sentences (with ``tokens``, ``tags`` and
+    ``doc``) in the order the index stores them.
+    """
+    check_options(method, granularity, label_filter, top_k)
+    if method == "instance":
+        granularity = "sentence"
+    if method.startswith("nn-"):
+        granularity = "word"
+    type_of_label = neighbors.type_ids(index.labels)
+    keep = None
+    if label_filter is not None:
+        query_type = int(type_of_label[query.labels[query.start]])
+        keep = neighbors.candidate_mask(item_types(index, granularity, type_of_label), query_type, label_filter)
+
+    if method.startswith("nn-"):
+        items, scores = nearest_items(index, query, metric=method[3:], keep=keep, top_k=top_k)
+        roles = np.full(len(items), "neighbour")
+        sides = np.zeros(len(items), dtype=np.int64)
+    else:
+        vector = query_vector(index, query, instance=method == "instance", hessian=hessian)
+        all_scores = influence_scores(index, vector, granularity)
+        items, roles = select_influential(all_scores, top_k, keep)
+        scores = all_scores[items]
+        sides = np.where(roles == "supporting", -1, 1)
+    bounds = item_bounds(index, granularity, items)
+    units = conflict_units(index, sentences, bounds, granularity, type_of_label)
+    return rows_frame(sentences, bounds, scores, roles, conflicts.flag_conflicts(units, sides))
