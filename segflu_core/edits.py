@@ -433,6 +433,9 @@ class EditStore:
     def undo_edit(self, edit_id: int) -> Edit:
         """Undo one edit, which need not be the most recent one, and return it.
 
+        Like :meth:`undo`, it puts the edit on the redo history, so
+        :meth:`redo` restores it until a new edit is made.
+
         Raises
         ------
         ValueError

@@ -177,6 +177,20 @@ def test_undo_edit_of_older_disjoint_edit(store):
         store.undo_edit(other_sentence.id + 100)
 
 
+def test_redo_after_undo_edit(store):
+    tags = ["O"] * 4
+    first = store.relabel("train", 0, 0, 1, "PER", current_tags=tags)
+    store.relabel("train", 0, 2, 3, "LOC", current_tags=["B-PER", "O", "O", "O"])
+    store.undo_edit(first.id)
+
+    redone = store.redo()
+
+    assert redone.id == first.id
+    assert not redone.undone
+    assert store.apply("train", [tags]) == [["B-PER", "O", "B-LOC", "O"]]
+    assert store.redo() is None
+
+
 def test_stale_tags_keep_other_session_edit(tmp_path):
     tab_one = EditStore(tmp_path / "edits.sqlite")
     tab_two = EditStore(tmp_path / "edits.sqlite")

@@ -267,3 +267,23 @@ def test_cli_rejects_path_outside_allowed(tmp_path, capsys):
     assert code == 2
     assert "outside the allowed folders" in capsys.readouterr().err
     assert list(outside.iterdir()) == []
+
+
+def test_jsonl_source_exports_jsonl(tmp_path):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    corpus = make_corpus(6, seed=9)
+    lines = [json.dumps({"tokens": tokens, "ner_tags": tags}) + "\n" for tokens, tags in corpus]
+    (project / "data" / "train.jsonl").write_text("".join(lines), encoding="utf-8")
+    config = {"data": {"train": {"path": "data/train.jsonl", "format": "jsonl", "scheme": "iob2"}}}
+    (project / "project.json").write_text(json.dumps(config), encoding="utf-8")
+    tags = [list(t) for _, t in corpus]
+    EditStore(project / "edits.sqlite").relabel("train", 2, 0, 1, "LOC", current_tags=tags[2])
+    tags[2] = relabel_span(tags[2], 0, 1, "LOC")
+
+    summary = export_corrected(project, project / "corrected.jsonl")
+    exported = read_corpus(project / "corrected.jsonl", format="jsonl")
+
+    assert summary.format == "jsonl"
+    assert [sentence.tokens for sentence in exported.sentences] == [tokens for tokens, _ in corpus]
+    assert [sentence.tags for sentence in exported.sentences] == tags
