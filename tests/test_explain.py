@@ -1,0 +1,257 @@
+"""Explain queries: influence scores against brute-force gradient dot products, neighbours and conflicts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segflu_core.errors import IndexNotBuiltError
+from segflu_core.influence import explain as explain_module
+from segflu_core.influence.conflicts import ConflictUnits, flag_conflicts
+from segflu_core.influence.index import build_index
+from segflu_core.influence.scores import segment_gradient, word_scores
+from segflu_core.project import Project, sentence_errors
+from tests.test_index import LABELS, indexed_project, sentence_arrays, write_tiny_project  # noqa: F401
+
+
+def train_gradient(index, sentence: int, start: int, end: int) -> np.ndarray:
+    features, labels = sentence_arrays(index, "train", sentence)
+    return segment_gradient(features, labels, index.head, start, end).flatten()
+
+
+def query_gradient(project, split: str, sentence: int, start: int, end: int, labels: str) -> np.ndarray:
+    query = project.stored_query(split, sentence, start, end, labels=labels)
+    return segment_gradient(query.features, query.labels, project.index.head, start, end).flatten()
+
+
+@pytest.mark.parametrize("granularity", ["word", "span", "sentence"])
+@pytest.mark.parametrize("labels", ["gold", "predicted"])
+def test_scores_equal_gradient_dot_products(indexed_project, granularity, labels):
+    index = indexed_project.index
+    test_gradient = query_gradient(indexed_project, "test", 2, 0, 2, labels)
+    rows = indexed_project.explain("test", 2, 0, 2, labels=labels, granularity=granularity, top_k=4)
+    assert len(rows) > 0
+    for row in rows.itertuples():
+        expected = -test_gradient @ train_gradient(index, row.sentence, row.start, row.end)
+        assert row.score == pytest.approx(expected, rel=1e-3, abs=1e-7)
+
+
+def test_hessian_scores_use_inverse_hessian(indexed_project):
+    index = indexed_project.index
+    factor = np.asarray(index["hessian_factor"])
+    hessian = factor @ factor.T
+    test_gradient = query_gradient(indexed_project, "test", 1, 0, 1, "gold")
+    solved = np.linalg.solve(hessian, test_gradient)
+    rows = indexed_project.explain("test", 1, 0, 1, hessian=True, granularity="span", top_k=3)
+    for row in rows.itertuples():
+        expected = -solved @ train_gradient(index, row.sentence, row.start, row.end)
+        assert row.score == pytest.approx(expected, rel=1e-3, abs=1e-7)
+
+
+def test_stored_factor_matches_head_hessian(indexed_project):
+    from segflu_core.influence.hessian import head_hessian
+
+    index = indexed_project.index
+    offsets = index["train_sentence_offsets"]
+    features = [sentence_arrays(index, "train", i)[0].astype(np.float64) for i in range(len(offsets) - 1)]
+    gold = [sentence_arrays(index, "train", i)[1] for i in range(len(offsets) - 1)]
+    expected = head_hessian(index.head, features, gold, l2=index.manifest["l2"])
+    factor = np.asarray(index["hessian_factor"])
+    np.testing.assert_allclose(factor @ factor.T, expected, atol=1e-8)
+
+
+def test_instance_method_uses_sentence_losses(indexed_project):
+    index = indexed_project.index
+    query = indexed_project.stored_query("test", 3, 1, 2)
+    test_gradient = segment_gradient(query.features, query.labels, index.head, 0, len(query.labels)).flatten()
+    rows = indexed_project.explain("test", 3, 1, 2, method="instance", top_k=2)
+    for row in rows.itertuples():
+        assert row.start == 0
+        expected = -test_gradient @ train_gradient(index, row.sentence, 0, row.end)
+        assert row.score == pytest.approx(expected, rel=1e-3, abs=1e-7)
+
+
+def test_rows_sorted_with_correct_roles(indexed_project):
+    index = indexed_project.index
+    top_k = 5
+    rows = indexed_project.explain("dev", 0, 0, 2, top_k=top_k)
+    assert list(rows.columns) == explain_module.COLUMNS
+    assert rows["score"].is_monotonic_increasing
+    assert set(rows.loc[rows.score < 0, "role"]) <= {"supporting"}
+    assert set(rows.loc[rows.score > 0, "role"]) <= {"opposing"}
+
+    query = indexed_project.stored_query("dev", 0, 0, 2)
+    vector = segment_gradient(query.features, query.labels, index.head, 0, 2)
+    all_scores = explain_module.influence_scores(index, vector, "word")
+    negative = np.sort(all_scores[all_scores < 0])
+    positive = np.sort(all_scores[all_scores > 0])
+    num_supporting = min(top_k, len(negative))
+    assert (rows.role == "supporting").sum() == num_supporting
+    assert (rows.role == "opposing").sum() == min(top_k, len(positive))
+    np.testing.assert_allclose(rows.score.to_numpy()[:num_supporting], negative[:top_k], rtol=1e-9)
+    np.testing.assert_allclose(rows.score.to_numpy()[num_supporting:], positive[-top_k:], rtol=1e-9)
+
+
+def test_rows_describe_training_items(indexed_project):
+    rows = indexed_project.explain("test", 0, 0, 1, granularity="span", top_k=3)
+    train = indexed_project.sentences("train")
+    for row in rows.itertuples():
+        sentence = train[row.sentence]
+        assert row.tokens == " ".join(sentence.tokens[row.start : row.end])
+        assert row.gold == " ".join(sentence.tags[row.start : row.end])
+        assert row.doc == sentence.doc
+
+
+def test_brute_force_word_scores(indexed_project):
+    index = indexed_project.index
+    query = indexed_project.stored_query("test", 4, 1, 3, labels="predicted")
+    vector = segment_gradient(query.features, query.labels, index.head, 1, 3)
+    scores = explain_module.influence_scores(index, vector, "word")
+    sentence_ids, positions = index["train_sentence_ids"], index["train_positions"]
+    for word in range(0, len(scores), 7):
+        gradient = train_gradient(index, int(sentence_ids[word]), int(positions[word]), int(positions[word]) + 1)
+        assert scores[word] == pytest.approx(-vector.flatten() @ gradient, rel=1e-3, abs=1e-7)
+
+
+def test_ranking_independent_of_chunk_and_dtype(indexed_project):
+    index = indexed_project.index
+    query = indexed_project.stored_query("test", 0, 0, 2)
+    vector = segment_gradient(query.features, query.labels, index.head, 0, 2)
+    arrays = (index["train_word_residuals"], index["train_prev_gold"], index["train_next_gold"])
+    reference = word_scores(vector, index.features("train"), *arrays, chunk_size=65536)
+    for features, chunk_size in ((index["train_features"], 65536), (index.features("train"), 13), (index["train_features"], 5)):
+        scores = word_scores(vector, features, *arrays, chunk_size=chunk_size)
+        np.testing.assert_allclose(scores, reference, rtol=1e-6, atol=1e-12)
+        np.testing.assert_array_equal(np.argsort(scores, kind="stable")[:10], np.argsort(reference, kind="stable")[:10])
+
+
+@pytest.mark.parametrize("label_filter", ["same", "different"])
+@pytest.mark.parametrize("method", ["segment", "nn-dot"])
+def test_label_filter_keeps_matching_types(indexed_project, label_filter, method):
+    rows = indexed_project.explain("test", 0, 0, 1, method=method, label_filter=label_filter, top_k=6)
+    query_type = LABELS[indexed_project.index["test_gold"][indexed_project.index["test_sentence_offsets"][0]]].split("-")[-1]
+    assert len(rows) > 0
+    for gold in rows.gold:
+        word_type = gold.split()[0].split("-")[-1]
+        assert (word_type == query_type) == (label_filter == "same")
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine"])
+def test_neighbours_sorted_and_exclude_query(indexed_project, metric):
+    index = indexed_project.index
+    rows = indexed_project.explain("train", 2, 0, 2, method=f"nn-{metric}", top_k=8)
+    assert (rows.role == "neighbour").all()
+    assert rows["score"].is_monotonic_decreasing
+    assert not ((rows.sentence == 2) & (rows.start < 2)).any()
+
+    features = index.features("train").astype(np.float64)
+    first = int(index["train_sentence_offsets"][2])
+    mean = features[first : first + 2].mean(axis=0)
+    similarities = features @ mean
+    if metric == "cosine":
+        similarities /= np.linalg.norm(features, axis=1) * np.linalg.norm(mean)
+    similarities[first : first + 2] = -np.inf
+    expected = np.sort(similarities)[::-1][:8]
+    np.testing.assert_allclose(rows.score.to_numpy(), expected, rtol=1e-4)
+
+
+def test_hessian_requires_factor(indexed_project, tmp_path):
+    import shutil
+
+    shutil.copytree(indexed_project.path, tmp_path / "copy", ignore=shutil.ignore_patterns("index"))
+    project = Project.load(tmp_path / "copy", device="cpu")
+    build_index(project, progress=False)
+    with pytest.raises(IndexNotBuiltError, match="--hessian"):
+        project.explain("test", 0, 0, 1, hessian=True)
+
+
+def test_explain_tokens_matches_stored_query(indexed_project):
+    sentence = indexed_project.sentence("test", 5)
+    stored = indexed_project.explain("test", 5, 0, 1, labels="predicted", top_k=3)
+    free = indexed_project.explain_tokens(sentence.tokens, 0, 1, top_k=3)
+    assert list(free.sentence) == list(stored.sentence)
+    np.testing.assert_allclose(free.score, stored.score, rtol=2e-2)
+
+
+def test_invalid_options_rejected(indexed_project):
+    with pytest.raises(ValueError, match="expected method"):
+        indexed_project.explain("test", 0, 0, 1, method="gradient")
+    with pytest.raises(ValueError, match="expected a segment"):
+        indexed_project.explain("test", 0, 3, 3)
+    with pytest.raises(ValueError, match="expected a sentence index"):
+        indexed_project.explain("test", 10_000, 0, 1)
+    with pytest.raises(ValueError, match="expected top_k"):
+        indexed_project.explain("test", 0, 0, 1, top_k=0)
+
+
+def units(forms, types, features, items) -> ConflictUnits:
+    return ConflictUnits(np.array(items), list(forms), np.array(features, dtype=np.float32), np.array(types))
+
+
+def test_conflict_same_word_other_type_opposite_sides():
+    # Item 0 (supporting) and item 1 (opposing) are the same word labelled PER and LOC.
+    case = units(["paris", "paris", "went"], [1, 2, 0], [[1, 0], [0, 1], [1, 1]], [0, 1, 2])
+    flags = flag_conflicts(case, np.array([-1, 1, 1]))
+    assert flags.tolist() == [True, True, False]
+
+
+def test_no_conflict_when_labels_agree():
+    case = units(["paris", "paris", "went"], [2, 2, 0], [[1, 0], [0, 1], [1, 1]], [0, 1, 2])
+    assert not flag_conflicts(case, np.array([-1, 1, 1])).any()
+
+
+def test_no_conflict_on_same_side():
+    case = units(["paris", "paris"], [1, 2], [[1, 0], [1, 0]], [0, 1])
+    assert not flag_conflicts(case, np.array([-1, -1])).any()
+
+
+def test_conflict_by_cosine_similarity():
+    similar = units(["rome", "roma"], [1, 2], [[1.0, 0.1], [1.0, 0.2]], [0, 1])
+    assert flag_conflicts(similar, np.array([-1, 1])).all()
+    distant = units(["rome", "roma"], [1, 2], [[1.0, 0.0], [0.0, 1.0]], [0, 1])
+    assert not flag_conflicts(distant, np.array([-1, 1])).any()
+
+
+def test_conflict_among_neighbours():
+    case = units(["paris", "paris", "went"], [1, 2, 0], [[1, 0], [0, 1], [1, 1]], [0, 1, 2])
+    assert flag_conflicts(case, np.zeros(3, dtype=int)).tolist() == [True, True, False]
+
+
+def test_explain_flags_constructed_conflict(tiny_encoder, tmp_path):
+    from tests.synthetic import CITIES
+
+    folder = write_tiny_project(tmp_path / "conflict", tiny_encoder, train=12)
+    train = folder / "data" / "train.conll"
+    text = train.read_text()
+    city = next(c.capitalize() for c in CITIES if text.count(f"{c.capitalize()}\tB-LOC") >= 2)
+    # The same city is labelled LOC in one sentence and O in another.
+    train.write_text(text.replace(f"{city}\tB-LOC", f"{city}\tO", 1))
+    project = Project.load(folder, device="cpu")
+    build_index(project, progress=False)
+    num_words = project.index["train_gold"].shape[0]
+    rows = project.explain("train", 0, 0, 1, method="nn-dot", top_k=num_words)
+    city_rows = rows[rows.tokens == city]
+    assert set(city_rows.gold) == {"B-LOC", "O"}
+    assert city_rows.conflict.all()
+
+
+def test_sentence_errors_kinds():
+    tokens = ["a", "b", "c", "d", "e", "f", "g"]
+    gold = ["B-PER", "I-PER", "O", "B-LOC", "O", "B-ORG", "O"]
+    predicted = ["B-PER", "O", "O", "B-ORG", "B-LOC", "O", "B-PER"]
+    records = sentence_errors(7, tokens, gold, predicted)
+    kinds = {(r["start"], r["end"]): r["kind"] for r in records}
+    assert kinds == {(0, 1): "wrong boundary", (3, 4): "wrong type", (4, 5): "spurious", (5, 6): "missed", (6, 7): "spurious"}
+    assert all(r["sentence"] == 7 for r in records)
+    wrong_type = next(r for r in records if r["kind"] == "wrong type")
+    assert (wrong_type["gold_type"], wrong_type["predicted_type"], wrong_type["text"]) == ("LOC", "ORG", "d")
+
+
+def test_errors_frame_matches_predictions(indexed_project):
+    errors = indexed_project.errors("test")
+    assert list(errors.columns) == ["sentence", "start", "end", "gold_type", "predicted_type", "text", "kind"]
+    assert set(errors.kind) <= {"missed", "spurious", "wrong type", "wrong boundary"}
+    predicted = indexed_project.predicted_tags("test")
+    for row in errors.itertuples():
+        gold = indexed_project.sentence("test", row.sentence).tags
+        assert gold[row.start : row.end] != predicted[row.sentence][row.start : row.end]
