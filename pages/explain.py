@@ -1,0 +1,296 @@
+"""Explain page: the training items that support and oppose one prediction, and relabelling them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from pages import common, relabel
+from segflu_core import render
+from segflu_core.errors import SegfluError
+
+METHODS = {
+    "segment": "segment influence",
+    "instance": "instance influence",
+    "nn-dot": "nearest neighbours (dot product)",
+    "nn-cosine": "nearest neighbours (cosine)",
+}
+GRANULARITIES = ("word", "span", "sentence")
+LABEL_FILTERS = {None: "all training items", "same": "same label only", "different": "different label only"}
+SPLITS = ("dev", "test", "train")
+# Pairs of supporting and opposing items shown in the disagreement view.
+MAX_PAIRS = 10
+
+
+@st.cache_resource(show_spinner="Loading the spaCy tokenizer ...")
+def load_tokenizer() -> Any:
+    """Return the ``en_core_web_sm`` pipeline when it is installed, else a blank English pipeline.
+
+    Only the tokenizer runs, and both pipelines use spaCy's English tokenizer rules.
+    """
+    try:
+        import en_core_web_sm
+    except ImportError:
+        import spacy
+
+        return spacy.blank("en")
+    return en_core_web_sm.load()
+
+
+def tokenize(text: str) -> list[str]:
+    """Split raw text into words with spaCy's rule-based tokenizer, dropping whitespace tokens."""
+    return [token.text for token in load_tokenizer().make_doc(text) if not token.is_space]
+
+
+@st.cache_data(show_spinner="Tagging ...", max_entries=256)
+def predict_tags(project_path: str, tokens: tuple[str, ...], _project: Any) -> list[str]:
+    """Return the tagger's IOB2 tags for one sentence (cached by folder and words)."""
+    return list(_project.predict(list(tokens)))
+
+
+@st.cache_data(show_spinner="Tagging the split ...", max_entries=8)
+def split_predictions(project_path: str, split: str, _project: Any) -> list[list[str]]:
+    """Return the predicted IOB2 tags of every sentence of a split, the ones the Errors page compares."""
+    return _project.predicted_tags(split)
+
+
+@st.cache_data(show_spinner="Computing the explanation ...", max_entries=64)
+def explain_sentence(project_path: str, split: str, sentence: int, start: int, end: int, options: dict, _project: Any) -> pd.DataFrame:
+    """Return ``Project.explain`` for a sentence of a split (cached by folder, target and options)."""
+    return _project.explain(split, sentence, start, end, **options)
+
+
+@st.cache_data(show_spinner="Computing the explanation ...", max_entries=64)
+def explain_text(project_path: str, tokens: tuple[str, ...], start: int, end: int, options: dict, _project: Any) -> pd.DataFrame:
+    """Return ``Project.explain_tokens`` for free text (cached by folder, words and options)."""
+    return _project.explain_tokens(list(tokens), start, end, **options)
+
+
+def apply_target() -> None:
+    """Copy a target set by the Errors page into this page's widgets, once per new target."""
+    target = st.session_state["explain_target"]
+    if not target or st.session_state.get("explain_applied_target") == target:
+        return
+    st.session_state["explain_applied_target"] = target
+    st.session_state["explain_source"] = "data"
+    st.session_state["explain_split"] = target["split"]
+    st.session_state["explain_sentence"] = target["sentence"]
+    st.session_state["explain_span"] = (target["start"], target["end"])
+    st.session_state["explain_labels"] = target.get("labels", "predicted")
+
+
+def span_options(gold: list[tuple[int, int, str]], predicted: list[tuple[int, int, str]]) -> dict[tuple[int, int], str]:
+    """Map each gold or predicted span range to a caption such as ``[2, 4) gold PER, predicted ORG``."""
+    captions: dict[tuple[int, int], list[str]] = {}
+    for layer, spans in (("gold", gold), ("predicted", predicted)):
+        for start, end, label in spans:
+            captions.setdefault((start, end), []).append(f"{layer} {label}")
+    return {key: f"[{key[0]}, {key[1]}) " + ", ".join(captions[key]) for key in sorted(captions)}
+
+
+def choose_span(tokens: list[str], gold: list, predicted: list) -> tuple[int, int] | None:
+    """Let the user pick an entity of the sentence, or any word range, and return ``(start, end)``."""
+    options = span_options(gold, predicted)
+    if st.session_state.get("explain_span") not in options and "explain_span" in st.session_state:
+        start, end = st.session_state["explain_span"]
+        if 0 <= start < end <= len(tokens):
+            options[(start, end)] = f"[{start}, {end}) selected range"
+    options[("custom", "custom")] = "another word range ..."
+    chosen = st.selectbox(
+        "Entity to explain",
+        list(options),
+        format_func=lambda key: options[key] if key[0] == "custom" else f"{options[key]}: {' '.join(tokens[key[0]:key[1]])}",
+        key="explain_span",
+    )
+    if chosen[0] != "custom":
+        return chosen
+    columns = st.columns(2)
+    start = columns[0].number_input("First word", 0, max(len(tokens) - 1, 0), 0, key="explain_custom_start")
+    end = columns[1].number_input("End word (exclusive)", 1, max(len(tokens), 1), min(1, len(tokens)), key="explain_custom_end")
+    if not start < end:
+        st.warning(f"expected the first word before the end word, got [{start}, {end})")
+        return None
+    return int(start), int(end)
+
+
+def read_options(*, free_text: bool) -> dict:
+    """Read the explanation controls and return the keyword options of ``Project.explain``."""
+    columns = st.columns(3)
+    options: dict[str, Any] = {}
+    if not free_text:
+        options["labels"] = columns[0].radio("Explain the", ("predicted", "gold"), format_func=lambda x: f"{x} labels", key="explain_labels")
+    options["method"] = columns[1].selectbox("Method", list(METHODS), format_func=METHODS.get, key="explain_method")
+    options["granularity"] = columns[2].selectbox("Training items", GRANULARITIES, format_func=lambda x: f"{x}s", key="explain_granularity")
+    columns = st.columns(3)
+    options["hessian"] = columns[0].toggle("Inverse Hessian", value=False, key="explain_hessian", disabled=options["method"].startswith("nn-"))
+    options["label_filter"] = columns[1].selectbox("Label filter", list(LABEL_FILTERS), format_func=LABEL_FILTERS.get, key="explain_label_filter")
+    options["top_k"] = int(columns[2].slider("Items per list (top k)", 1, 100, 20, key="explain_top_k"))
+    return options
+
+
+def query_from_data(project: Any, project_dir: Any) -> dict | None:
+    """Show a dev, test or train sentence and return the chosen entity to explain."""
+    columns = st.columns([1, 1, 3])
+    split = columns[0].selectbox("Split", SPLITS, key="explain_split")
+    sentence = int(columns[1].number_input("Sentence", min_value=0, step=1, key="explain_sentence"))
+    try:
+        tokens, _file_tags = common.sentence_tokens_tags(project, split, sentence)
+        gold_tags = common.current_tags(project, project_dir, split, sentence)
+        predicted_tags = split_predictions(str(project_dir), split, project)[sentence]
+    except (SegfluError, ValueError) as error:
+        st.error(f"{split} sentence {sentence} cannot be shown: {error}")
+        return None
+    gold, predicted = common.spans_of(gold_tags), common.spans_of(predicted_tags)
+    span = choose_span(tokens, gold, predicted)
+    st.markdown(render.sentence_html(tokens, gold, predicted, focus=span), unsafe_allow_html=True)
+    if span is None:
+        return None
+    return {"split": split, "sentence": sentence, "tokens": tokens, "start": span[0], "end": span[1]}
+
+
+def query_from_text(project: Any, project_dir: Any) -> dict | None:
+    """Tag a sentence typed by the user and return the chosen entity to explain."""
+    text = st.text_area("Sentence", key="explain_text", placeholder="Type a sentence, for example: Alice met Bob in Paris .")
+    if not text.strip():
+        st.info("Type a sentence to tag and explain it.")
+        return None
+    tokens = tokenize(text)
+    try:
+        predicted_tags = predict_tags(str(project_dir), tuple(tokens), project)
+    except SegfluError as error:
+        common.show_error(error)
+        return None
+    predicted = common.spans_of(predicted_tags)
+    span = choose_span(tokens, [], predicted)
+    st.markdown(render.sentence_html(tokens, None, predicted, focus=span), unsafe_allow_html=True)
+    if span is None:
+        return None
+    return {"split": None, "sentence": None, "tokens": tokens, "start": span[0], "end": span[1]}
+
+
+def compute_explanation(project: Any, project_dir: Any, query: dict, options: dict) -> pd.DataFrame | None:
+    """Run the explanation for the query, showing a core error instead of raising it."""
+    try:
+        if query["split"] is None:
+            return explain_text(str(project_dir), tuple(query["tokens"]), query["start"], query["end"], options, project)
+        return explain_sentence(str(project_dir), query["split"], query["sentence"], query["start"], query["end"], options, project)
+    except SegfluError as error:
+        common.show_error(error)
+        return None
+
+
+def item_title(rank: int, row: pd.Series) -> str:
+    """Return the caption of a training item: rank, sentence, document and gold label."""
+    doc = f", doc {row['doc']}" if pd.notna(row.get("doc")) and str(row.get("doc")) else ""
+    return f"#{rank} train sentence {row['sentence']}{doc}, tokens [{row['start']}, {row['end']}), gold {row['gold']}"
+
+
+def item_markup(project: Any, project_dir: Any, rank: int, row: pd.Series, train_edits: list) -> str:
+    """Return the HTML of one training item in its sentence, with the edited gold labels."""
+    sentence = int(row["sentence"])
+    tokens, tags = common.sentence_tokens_tags(project, "train", sentence)
+    tags = common.replay_edits(tags, sentence, train_edits)
+    return render.item_html(
+        tokens,
+        common.spans_of(tags),
+        start=int(row["start"]),
+        end=int(row["end"]),
+        score=float(row["score"]),
+        title=item_title(rank, row),
+        conflict=bool(row["conflict"]),
+    )
+
+
+def show_items(project: Any, project_dir: Any, items: pd.DataFrame, train_edits: list, *, empty: str) -> None:
+    """Show a list of training items, each in its sentence."""
+    if items.empty:
+        st.caption(empty)
+        return
+    for rank, (_index, row) in enumerate(items.iterrows(), start=1):
+        st.markdown(item_markup(project, project_dir, rank, row, train_edits), unsafe_allow_html=True)
+
+
+def entity_type(tag: str) -> str:
+    """Return the entity type of an IOB2 tag such as ``B-PER``, or ``O``."""
+    return tag.split("-", 1)[1] if "-" in tag else tag
+
+
+def disagreeing_pairs(supporting: pd.DataFrame, opposing: pd.DataFrame, *, limit: int = MAX_PAIRS) -> list[tuple[int, int]]:
+    """Pair supporting and opposing items whose gold entity types differ, strongest first.
+
+    Each item is used in one pair at most. Returns positional indices into
+    ``supporting`` and ``opposing``.
+    """
+    supporting_types = [entity_type(tag) for tag in supporting["gold"]]
+    opposing_types = [entity_type(tag) for tag in opposing["gold"]]
+    pairs = []
+    used: set[int] = set()
+    for s_position, label in enumerate(supporting_types):
+        for o_position, other in enumerate(opposing_types):
+            if o_position not in used and other != label:
+                pairs.append((s_position, o_position))
+                used.add(o_position)
+                break
+        if len(pairs) == limit:
+            break
+    return pairs
+
+
+def show_results(project: Any, project_dir: Any, frame: pd.DataFrame) -> None:
+    """Show the explanation: supporting and opposing lists, or the neighbours, and the disagreeing pairs."""
+    train_edits = common.edit_store(project_dir).edits(split="train")
+    if frame["role"].eq("neighbour").any():
+        st.subheader("Nearest training items")
+        show_items(project, project_dir, frame[frame["role"] == "neighbour"], train_edits, empty="No neighbours found.")
+        return
+    # Supporting items have negative scores and opposing items positive ones;
+    # both lists put the largest magnitude first.
+    supporting = frame[frame["role"] == "supporting"].sort_values("score", ascending=True)
+    opposing = frame[frame["role"] == "opposing"].sort_values("score", ascending=False)
+    lists_tab, pairs_tab = st.tabs(["Supporting and opposing", "Disagreeing pairs"])
+    with lists_tab:
+        left, right = st.columns(2)
+        with left:
+            st.subheader(f"Supporting ({len(supporting)})")
+            show_items(project, project_dir, supporting, train_edits, empty="No supporting items.")
+        with right:
+            st.subheader(f"Opposing ({len(opposing)})")
+            show_items(project, project_dir, opposing, train_edits, empty="No opposing items.")
+    with pairs_tab:
+        pairs = disagreeing_pairs(supporting, opposing)
+        if not pairs:
+            st.caption("No supporting item has an opposing item with a different label.")
+        for s_position, o_position in pairs:
+            left, right = st.columns(2)
+            left.markdown(item_markup(project, project_dir, s_position + 1, supporting.iloc[s_position], train_edits), unsafe_allow_html=True)
+            right.markdown(item_markup(project, project_dir, o_position + 1, opposing.iloc[o_position], train_edits), unsafe_allow_html=True)
+
+
+def main() -> None:
+    st.title("Explain")
+    project, project_dir = common.require_project()
+    apply_target()
+    source = st.radio(
+        "Sentence from",
+        ("data", "text"),
+        format_func={"data": "the data", "text": "a sentence I type"}.get,
+        horizontal=True,
+        key="explain_source",
+    )
+    free_text = source == "text"
+    query = query_from_text(project, project_dir) if free_text else query_from_data(project, project_dir)
+    if query is None:
+        st.stop()
+    options = read_options(free_text=free_text)
+    frame = compute_explanation(project, project_dir, query, options)
+    if frame is None:
+        st.stop()
+    show_results(project, project_dir, frame)
+    origin = {key: query[key] for key in ("split", "sentence", "start", "end")} | {"method": options["method"]}
+    relabel.relabel_panel(project, project_dir, frame, origin=origin)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""AppTest runs of every page against a tiny trained project."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from pages.common import safe_child
+from segflu_core.edits import EditStore
+from segflu_core.errors import UnsafePathError
+from segflu_core.project import Project
+from tests.app.conftest import HOSTILE_TOKENS
+
+APP = Path(__file__).resolve().parents[2] / "app.py"
+TIMEOUT_S = 120
+
+
+def open_app(project_dir: Path | None, page: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S)
+    if project_dir is not None:
+        at.session_state["project_path"] = str(project_dir)
+    at.run()
+    if page is not None:
+        at.switch_page(page).run()
+    return at
+
+
+def markdown_text(at: AppTest) -> str:
+    return "\n".join(element.value for element in at.markdown)
+
+
+def explain_at(at: AppTest, target: dict) -> AppTest:
+    at.session_state["explain_target"] = target
+    at.switch_page("pages/explain.py").run()
+    return at
+
+
+def first_error(project_dir: Path, split: str = "dev") -> dict:
+    errors = Project.load(project_dir).errors(split)
+    assert not errors.empty, "the tiny project must make errors for these tests"
+    row = errors.iloc[0]
+    labels = "gold" if row["kind"] == "missed" else "predicted"
+    return {"split": split, "sentence": int(row["sentence"]), "start": int(row["start"]), "end": int(row["end"]), "labels": labels}
+
+
+def test_project_page_shows_metrics(tiny_project):
+    at = open_app(tiny_project)
+
+    assert not at.exception
+    metrics = json.loads((tiny_project / "metrics.json").read_text())
+    tables = [element.value for element in at.dataframe]
+    assert len(tables) == 2
+    for split, table in zip(("dev", "test"), tables):
+        expected_types = list(metrics[split]["per_type"])
+        assert list(table["type"])[: len(expected_types)] == expected_types
+        for name in expected_types:
+            row = table[table["type"] == name].iloc[0]
+            assert row["f1"] == pytest.approx(metrics[split]["per_type"][name]["f1"])
+
+
+def test_pages_without_project_ask_for_one():
+    for page in ("pages/errors.py", "pages/explain.py", "pages/noise.py", "pages/validate.py", "pages/review.py"):
+        at = open_app(None, page)
+
+        assert not at.exception, page
+        assert any("No project is open" in element.value for element in at.info), page
+
+
+def test_errors_page_lists_project_errors(tiny_project):
+    at = open_app(tiny_project, "pages/errors.py")
+
+    assert not at.exception
+    shown = at.dataframe[0].value
+    expected = Project.load(tiny_project).errors("dev")
+    assert len(shown) == len(expected)
+    assert list(zip(shown["sentence"], shown["start"], shown["end"], shown["kind"])) == list(
+        zip(expected["sentence"], expected["start"], expected["end"], expected["kind"])
+    )
+
+
+def test_errors_filter_by_kind(tiny_project):
+    at = open_app(tiny_project, "pages/errors.py")
+    kinds = sorted(at.dataframe[0].value["kind"].unique())
+
+    at.multiselect(key="errors_kinds").set_value([kinds[0]]).run()
+
+    shown = at.dataframe[0].value
+    assert len(shown) > 0
+    assert set(shown["kind"]) == {kinds[0]}
+
+
+def test_errors_button_opens_explain(tiny_project):
+    at = open_app(tiny_project, "pages/errors.py")
+
+    at.button(key="errors_explain").click().run()
+
+    assert not at.exception
+    assert [element.value for element in at.title] == ["Explain"]
+    assert at.session_state["explain_target"] == first_error(tiny_project)
+
+
+def test_explain_lists_explained_items(tiny_project):
+    target = first_error(tiny_project)
+    at = explain_at(open_app(tiny_project), target)
+
+    assert not at.exception
+    expected = Project.load(tiny_project).explain(
+        target["split"], target["sentence"], target["start"], target["end"], labels=target["labels"], top_k=20
+    )
+    items = [element.value for element in at.markdown if "segflu-item" in element.value]
+    # Each item appears once in its list and again when it belongs to a disagreeing pair.
+    assert len(items) >= len(expected)
+    for role in ("supporting", "opposing"):
+        assert any(header.value.startswith(role.capitalize()) for header in at.subheader)
+        count = int((expected["role"] == role).sum())
+        assert any(header.value == f"{role.capitalize()} ({count})" for header in at.subheader)
+    for _index, row in expected.iterrows():
+        caption = f"train sentence {row['sentence']}, doc {row['doc']}, tokens [{row['start']}, {row['end']})"
+        assert any(caption in item for item in items), caption
+
+
+def test_explain_nearest_neighbours(tiny_project):
+    target = first_error(tiny_project)
+    at = explain_at(open_app(tiny_project), target)
+
+    at.selectbox(key="explain_method").set_value("nn-cosine").run()
+
+    assert not at.exception
+    expected = Project.load(tiny_project).explain(
+        target["split"], target["sentence"], target["start"], target["end"], labels=target["labels"], method="nn-cosine"
+    )
+    items = [element.value for element in at.markdown if "segflu-item" in element.value]
+    assert len(items) == len(expected)
+    assert any(header.value == "Nearest training items" for header in at.subheader)
+
+
+def test_explain_escapes_hostile_tokens(tiny_project):
+    # Test sentence 0 is the sentence whose filler words are HTML injections.
+    at = explain_at(open_app(tiny_project), {"split": "test", "sentence": 0, "start": 0, "end": 1, "labels": "gold"})
+
+    assert not at.exception
+    text = markdown_text(at)
+    for token in HOSTILE_TOKENS:
+        assert token not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in text
+
+
+def test_explain_free_text(tiny_project):
+    at = explain_at(open_app(tiny_project), first_error(tiny_project))
+
+    at.radio(key="explain_source").set_value("text").run()
+    at.text_area(key="explain_text").input("Mary visited Paris on monday .").run()
+
+    assert not at.exception
+    sentence = next(element.value for element in at.markdown if "segflu-sentence" in element.value)
+    for word in ("Mary", "visited", "Paris", "monday"):
+        assert word in sentence
+    assert ">gold<" not in sentence
+    assert any(header.value.startswith("Supporting") or header.value == "Nearest training items" for header in at.subheader)
+
+
+def test_relabel_saves_and_undoes(project_copy):
+    target = first_error(project_copy)
+    at = explain_at(open_app(project_copy), target)
+    project = Project.load(project_copy)
+    frame = project.explain(target["split"], target["sentence"], target["start"], target["end"], labels=target["labels"])
+    item = frame.iloc[0]
+    tags = list(project.sentence("train", int(item["sentence"])).tags)
+    new_label = "LOC" if item["gold"].endswith("ORG") else "ORG"
+
+    at.selectbox(key="explain_relabel_item").set_value(0).run()
+    at.selectbox(key="explain_relabel_label").set_value(new_label).run()
+    at.button(key="explain_relabel_save").click().run()
+
+    assert not at.exception
+    edits = EditStore(project_copy / "edits.sqlite").edits()
+    assert len(edits) == 1
+    assert (edits[0].split, edits[0].sentence, edits[0].start, edits[0].end) == ("train", int(item["sentence"]), int(item["start"]), int(item["end"]))
+    assert edits[0].label == new_label
+    assert list(edits[0].old_tags) == tags[edits[0].range_start : edits[0].range_end]
+    assert any("Saved edit" in element.value for element in at.success)
+
+    at.button(key="explain_undo").click().run()
+
+    assert not at.exception
+    assert EditStore(project_copy / "edits.sqlite").edits() == []
+
+
+def test_review_page_summarizes_edits(project_copy):
+    project = Project.load(project_copy)
+    tags = list(project.sentence("train", 0).tags)
+    EditStore(project_copy / "edits.sqlite").relabel("train", 0, 0, 1, "LOC", current_tags=tags, note="checked")
+
+    at = open_app(project_copy, "pages/review.py")
+
+    assert not at.exception
+    edits_table = at.dataframe[0].value
+    assert list(edits_table["label"]) == ["LOC"]
+    assert list(edits_table["note"]) == ["checked"]
+    metrics = {element.label: element.value for element in at.metric}
+    assert metrics["Active edits"] == "1"
+    assert metrics["Sentences changed"] == "1"
+
+
+def test_review_page_undoes_one_edit(project_copy):
+    project = Project.load(project_copy)
+    store = EditStore(project_copy / "edits.sqlite")
+    store.relabel("train", 0, 0, 1, "LOC", current_tags=list(project.sentence("train", 0).tags))
+    store.relabel("train", 1, 0, 1, "ORG", current_tags=list(project.sentence("train", 1).tags))
+    at = open_app(project_copy, "pages/review.py")
+
+    at.selectbox(key="review_undo_choice").set_value(store.edits()[0].id).run()
+    at.button(key="review_undo").click().run()
+
+    assert not at.exception
+    remaining = store.edits()
+    assert [(edit.sentence, edit.label) for edit in remaining] == [(1, "ORG")]
+
+
+def test_noise_and_validate_pages_run(tiny_project):
+    for page in ("pages/noise.py", "pages/validate.py"):
+        at = open_app(tiny_project, page)
+
+        assert not at.exception, page
+
+
+def test_safe_child_stays_inside(tmp_path):
+    assert safe_child(tmp_path, "demo") == (tmp_path / "demo").resolve()
+    for name in ("../outside", "/etc", "a/../../b", "", "  ", "."):
+        with pytest.raises(UnsafePathError):
+            safe_child(tmp_path, name)
+
+
+def test_safe_child_rejects_symlink_escape(tmp_path):
+    outside = tmp_path / "outside"
+    base = tmp_path / "base"
+    outside.mkdir()
+    base.mkdir()
+    (base / "link").symlink_to(outside)
+
+    with pytest.raises(UnsafePathError):
+        safe_child(base, "link/project")
