@@ -24,6 +24,8 @@ from segflu_core.schemes import tags_to_spans
 logger = logging.getLogger(__name__)
 
 PROJECT_FILE = "project.json"
+# Dev documents that count as clean validation data when no others are named.
+DEFAULT_CLEAN_DOCUMENTS = 10
 ERROR_COLUMNS = ["sentence", "start", "end", "gold_type", "predicted_type", "text", "kind"]
 
 
@@ -311,6 +313,53 @@ class Project:
         return pd.DataFrame.from_records(records, columns=ERROR_COLUMNS)
 
 
+    def rank_noise(self, method: str, *, clean_docs=None, aggregate: str = "max") -> pd.DataFrame:
+        """Rank training documents by how likely they are misannotated, most suspicious first.
+
+        Parameters
+        ----------
+        method : str
+            One of :data:`segflu_core.influence.noise.METHODS`.
+        clean_docs : None, sequence of int, str or path
+            Clean validation documents for the influence and nearest-neighbour
+            methods: dev document indices (default: the first 10 dev documents),
+            or a corrected corpus file whose every sentence counts.
+        aggregate : {"max", "mean"}
+            How word or sentence scores combine into a document score.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``doc, score, sentences, first_tokens``.
+        """
+        from segflu_core.influence import noise
+
+        validation = None
+        if method in noise.VALIDATION_METHODS:
+            validation = self.clean_validation(clean_docs)
+        return noise.rank_documents(self.index, self.sentences("train"), method, validation=validation, aggregate=aggregate)
+
+
+    def clean_validation(self, clean_docs=None):
+        """Return the clean validation words for noise ranking; see :meth:`rank_noise`."""
+        from segflu_core.influence import noise
+
+        if clean_docs is None or not isinstance(clean_docs, (str, os.PathLike)):
+            documents = self.corpus("dev").documents
+            chosen = range(min(DEFAULT_CLEAN_DOCUMENTS, len(documents))) if clean_docs is None else list(clean_docs)
+            for doc in chosen:
+                if not 0 <= doc < len(documents):
+                    raise ValueError(f"expected dev document indices in [0, {len(documents)}), got {doc}")
+            sentences = [s for doc in chosen for s in documents[doc]]
+            return noise.validation_from_index(self.index, "dev", sentences)
+        from segflu_core.conll import read_corpus
+
+        corpus = read_corpus(clean_docs)
+        tag_lists = [sentence.tags for sentence in corpus.sentences if sentence.tokens]
+        gold = label_indices(tag_lists, self.index.labels, split=str(clean_docs))
+        features = self.tagger.word_features([s.tokens for s in corpus.sentences if s.tokens], progress=False)
+        return noise.validation_from_features(features, gold, self.index.head)
+
 def check_segment(start: int, end: int, length: int) -> None:
     """Raise ``ValueError`` unless ``0 <= start < end <= length``."""
     if not 0 <= start < end <= length:
@@ -346,3 +395,4 @@ def sentence_errors(number: int, tokens: list[str], gold: list[str], predicted: 
         if not any(p.start < span.end and span.start < p.end for p in predicted_spans):
             record(span, span.label, None, "missed")
     return sorted(records, key=lambda r: (r["start"], r["end"]))
+
