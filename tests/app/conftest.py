@@ -12,6 +12,8 @@ from tests.synthetic import make_corpus, write_conll
 
 # Tokens that must reach the browser as text, never as markup.
 HOSTILE_TOKENS = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>"]
+# The training file without the injected label noise, beside the project folder.
+CLEAN_TRAIN_NAME = "train.clean.conll"
 
 
 def hostile_sentence() -> tuple[list[str], list[str]]:
@@ -40,7 +42,12 @@ def build_tiny_project(folder: Path, encoder: Path) -> Path:
     corpus = make_corpus(90, seed=3)
     data_dir = folder / "data"
     data_dir.mkdir()
-    write_conll(data_dir / "train.conll", flip_city_labels(corpus[:60], fraction=0.3, seed=4) + [hostile_sentence()])
+    clean_train = corpus[:60] + [hostile_sentence()]
+    noisy_train = flip_city_labels(corpus[:60], fraction=0.3, seed=4) + [hostile_sentence()]
+    # Documents of five sentences give the noise ranking something to rank;
+    # the clean copy is the ground truth of which documents are noisy.
+    write_conll(data_dir / "train.conll", noisy_train, docstart_every=5)
+    write_conll(data_dir / CLEAN_TRAIN_NAME, clean_train, docstart_every=5)
     write_conll(data_dir / "dev.conll", corpus[60:75])
     write_conll(data_dir / "test.conll", [hostile_sentence()] + corpus[75:])
     project_dir = folder / "project"
@@ -57,6 +64,11 @@ def build_tiny_project(folder: Path, encoder: Path) -> Path:
 def tiny_project(tmp_path_factory, tiny_encoder) -> Path:
     """Folder of a trained and indexed project on a generated corpus (read-only for tests)."""
     return build_tiny_project(tmp_path_factory.mktemp("tiny-project"), tiny_encoder)
+
+
+def clean_train_file(project_dir: Path) -> Path:
+    """Return the clean copy of a tiny project's training file."""
+    return project_dir.parent / "data" / CLEAN_TRAIN_NAME
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 
 from pages.errors import filter_errors
 from pages.explain import disagreeing_pairs, span_options
+from pages.noise import fraction_found, noisy_documents
 from pages.project import confusion_frame, metrics_table
 from segflu_core.commands import app as app_command
 from segflu_core.errors import ProjectError
@@ -136,3 +137,31 @@ def test_app_command_builds_demo_without_project(monkeypatch, tmp_path):
     monkeypatch.setattr(segflu_core.demo, "ensure_demo_project", lambda progress: tmp_path)
 
     assert app_command.resolve_project(None) == tmp_path
+
+
+def test_fraction_found_steps():
+    curve = fraction_found([3, 1, 2, 0], {1, 0})
+
+    assert list(curve["inspected"]) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert list(curve["found"]) == [0.0, 0.0, 0.5, 0.5, 1.0]
+
+
+class Sentence:
+    def __init__(self, tokens, tags, doc):
+        self.tokens, self.tags, self.doc = tokens, tags, doc
+
+
+def test_noisy_documents_compare_tags():
+    train = [Sentence(["a"], ["O"], 0), Sentence(["b"], ["B-PER"], 1), Sentence(["c"], ["O"], 1)]
+    reference = [Sentence(["a"], ["O"], 0), Sentence(["b"], ["B-PER"], 1), Sentence(["c"], ["B-LOC"], 1)]
+
+    assert noisy_documents(train, reference) == {1}
+
+
+def test_noisy_documents_reject_other_file():
+    train = [Sentence(["a"], ["O"], 0)]
+
+    with pytest.raises(ValueError, match="1 sentences"):
+        noisy_documents(train, [])
+    with pytest.raises(ValueError, match="same tokens"):
+        noisy_documents(train, [Sentence(["z"], ["O"], 0)])

@@ -12,7 +12,7 @@ from pages.common import safe_child
 from segflu_core.edits import EditStore
 from segflu_core.errors import UnsafePathError
 from segflu_core.project import Project
-from tests.app.conftest import HOSTILE_TOKENS
+from tests.app.conftest import HOSTILE_TOKENS, clean_train_file
 
 APP = Path(__file__).resolve().parents[2] / "app.py"
 TIMEOUT_S = 120
@@ -221,11 +221,34 @@ def test_review_page_undoes_one_edit(project_copy):
     assert [(edit.sentence, edit.label) for edit in remaining] == [(1, "ORG")]
 
 
-def test_noise_and_validate_pages_run(tiny_project):
-    for page in ("pages/noise.py", "pages/validate.py"):
-        at = open_app(tiny_project, page)
+def test_noise_page_ranks_documents(tiny_project):
+    at = open_app(tiny_project, "pages/noise.py")
 
-        assert not at.exception, page
+    assert not at.exception
+    expected = Project.load(tiny_project).rank_noise("sentence-loss")
+    shown = at.dataframe[0].value
+    assert list(shown["doc"]) == list(expected["doc"])
+    assert len(shown) > 1
+
+
+def documents_of(path: Path) -> list[str]:
+    """Split a CoNLL file into its documents' text at the -DOCSTART- lines."""
+    return [block for block in path.read_text(encoding="utf-8").split("-DOCSTART-") if block.strip()]
+
+
+def test_noise_curve_from_reference(tiny_project):
+    reference = clean_train_file(tiny_project)
+    noisy = sum(
+        clean != noisy
+        for clean, noisy in zip(documents_of(reference), documents_of(tiny_project / "data" / "train.conll"))
+    )
+    at = open_app(tiny_project, "pages/noise.py")
+
+    at.file_uploader(key="noise_reference").set_value((reference.name, reference.read_bytes(), "text/plain")).run()
+
+    assert not at.exception
+    documents = len(at.dataframe[0].value)
+    assert any(element.value == f"{noisy} of {documents} documents differ from the reference." for element in at.caption)
 
 
 def test_safe_child_stays_inside(tmp_path):
