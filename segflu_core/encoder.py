@@ -90,7 +90,10 @@ def load_encoder(name: str | os.PathLike | None) -> tuple[nn.Module, object]:
 
     location = resolve_encoder(name)
     is_folder = Path(location).is_dir()
-    attempts = [True] if is_folder else [True, False]
+    # huggingface_hub reads HF_HUB_OFFLINE once at import, so it is checked
+    # here again to honour a value set later in the same process.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    attempts = [True] if is_folder or offline else [True, False]
     last_error: Exception | None = None
     for local_only in attempts:
         try:

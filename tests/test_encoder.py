@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from segflu_core.encoder import DEFAULT_ENCODER, SHAPE_DIM, WordEncoder, shape_features, window_starts
+from segflu_core.errors import EncoderNotFoundError
 from tests.synthetic import vocabulary
 
 
@@ -159,3 +160,20 @@ def test_default_encoder_loads_offline(monkeypatch):
         features, mask = encoder([["Barack", "Obama", "visited", "Nairobi", "."]])
     assert features.shape == (1, 5, 384 + SHAPE_DIM)
     assert bool(mask.all())
+
+
+def test_unknown_encoder_id_raises(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EncoderNotFoundError, match="segflu-test/no-such-encoder") as caught:
+        WordEncoder("segflu-test/no-such-encoder")
+    assert "--encoder" in str(caught.value)
+
+
+def test_folder_without_safetensors_raises(tiny_encoder, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_encoder, folder)
+    (folder / "model.safetensors").unlink()
+    # A pickled checkpoint must never be loaded, whatever it contains.
+    (folder / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(EncoderNotFoundError, match="safetensors"):
+        WordEncoder(folder)
