@@ -48,16 +48,27 @@ def test_hessian_scores_use_inverse_hessian(indexed_project):
         assert row.score == pytest.approx(expected, rel=1e-3, abs=1e-7)
 
 
-def test_stored_factor_matches_head_hessian(indexed_project):
-    from segflu_core.influence.hessian import head_hessian
+def test_stored_factor_matches_objective_curvature(indexed_project):
+    from segflu_core.influence.head import HeadParams, head_objective
 
     index = indexed_project.index
+    head, l2 = index.head, index.manifest["l2"]
     offsets = index["train_sentence_offsets"]
-    features = [sentence_arrays(index, "train", i)[0].astype(np.float64) for i in range(len(offsets) - 1)]
-    gold = [sentence_arrays(index, "train", i)[1] for i in range(len(offsets) - 1)]
-    expected = head_hessian(index.head, features, gold, l2=index.manifest["l2"])
+    sentences = [sentence_arrays(index, "train", i) for i in range(len(offsets) - 1)]
+    features = [f.astype(np.float64) for f, _ in sentences]
+    gold = [labels for _, labels in sentences]
     factor = np.asarray(index["hessian_factor"])
-    np.testing.assert_allclose(factor @ factor.T, expected, atol=1e-8)
+
+    def gradient_at(vector):
+        return head_objective(HeadParams.unflatten(vector, head.num_tags, head.dim), features, gold, l2=l2)[1].flatten()
+
+    # Hessian-vector products by central differences of the objective's gradient.
+    rng = np.random.default_rng(0)
+    step = 1e-4
+    for _ in range(3):
+        direction = rng.standard_normal(head.size)
+        expected = (gradient_at(head.flatten() + step * direction) - gradient_at(head.flatten() - step * direction)) / (2 * step)
+        np.testing.assert_allclose(factor @ (factor.T @ direction), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_instance_method_uses_sentence_losses(indexed_project):

@@ -72,3 +72,40 @@ def test_index_command_builds_index(indexed_project, tmp_path, capsys):
     copy = Project.load(tmp_path / "copy")
     np.testing.assert_allclose(copy.index["train_word_residuals"], indexed_project.index["train_word_residuals"], atol=1e-5)
     assert not copy.index.has("hessian_factor")
+
+
+def test_validate_writes_pairs_summary_and_chart(indexed_project, tmp_path, capsys):
+    from segflu_core.commands.validate import split_sample
+    from segflu_core.influence.head import HeadParams, refit_head
+    from segflu_core.influence.scores import segment_gradient
+
+    out = tmp_path / "validation"
+    argv = ["validate", str(indexed_project.path), "--train-sentences", "10", "--dev-sentences", "6",
+            "--test-words", "2", "--top", "2", "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"pearson", "spearman", "sign_agreement", "n"}
+    assert (out / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "vega" in (out / "scatter.html").read_text()
+    import pandas as pd
+
+    pairs = pd.read_csv(out / "pairs.csv")
+    group_sizes = pairs.groupby(["test_sentence", "test_start"]).size().tolist()
+    assert 1 <= len(group_sizes) <= 2
+    assert group_sizes == [2] * len(group_sizes)
+    assert summary["n"] == len(pairs)
+
+    # Each listed training word is among the 2 largest |influence| on its test word.
+    train = split_sample(indexed_project, "train", 10)
+    dev = split_sample(indexed_project, "dev", 6)
+    params, _ = refit_head(HeadParams.from_tagger(indexed_project.tagger), *train, l2=1e-4, tolerance=1e-6)
+    words = [(s, t) for s in range(len(train[1])) for t in range(len(train[1][s]))]
+    for (sentence, start), group in pairs.groupby(["test_sentence", "test_start"]):
+        query = segment_gradient(dev[0][sentence], dev[1][sentence], params, start, start + 1).flatten()
+        influence = {
+            (s, t): abs(query @ segment_gradient(train[0][s], train[1][s], params, t, t + 1).flatten())
+            for s, t in words
+        }
+        threshold = sorted(influence.values())[-2]
+        for row in group.itertuples():
+            assert influence[(row.train_sentence, row.train_start)] >= threshold * (1 - 1e-6)
