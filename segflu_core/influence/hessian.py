@@ -3,7 +3,8 @@
 Emissions are linear in ``(W, b)``, and the gold score is linear in ``θ``, so
 the Hessian of one sentence's loss is ``Jᵀ K J``: ``K`` is the Hessian of
 log_partition with respect to ``(emissions, A, π, ω)`` and ``J`` maps ``θ`` to
-those inputs. ``torch.func`` computes ``K`` for batches of equal-length
+those inputs. ``K`` is the covariance of the sufficient statistics, built in
+closed form from the posterior Markov chain of batches of equal-length
 sentences. Contracting ``K`` with the features needs only two matrix
 products per batch, because ``∂s_t[c]/∂W[c, :] = h_t`` and
 ``∂s_t[c]/∂b[c] = 1``: appending a constant 1 to ``h_t`` treats ``b`` as one
@@ -25,38 +26,102 @@ from segflu_core.influence.head import HeadParams, check_sentences, parameter_co
 logger = logging.getLogger(__name__)
 
 
-def _log_partition_of_inputs(inputs: torch.Tensor, length: int, num_tags: int) -> torch.Tensor:
-    """log_partition of one sentence from ``inputs = (emissions.ravel(), A.ravel(), π, ω)``."""
-    split = length * num_tags
-    emissions = inputs[:split].reshape(length, num_tags)
-    transitions = inputs[split : split + num_tags * num_tags].reshape(num_tags, num_tags)
-    start = inputs[split + num_tags * num_tags : split + num_tags * num_tags + num_tags]
-    end = inputs[split + num_tags * num_tags + num_tags :]
-    alpha = start + emissions[0]
+def _posterior_chain(emissions: torch.Tensor, transitions, start, end):
+    """Marginals and posterior transition matrices of equal-length sentences.
+
+    The CRF's distribution over tag sequences is a Markov chain with
+    ``p(y_0) = μ_0`` and ``p(y_{t+1} = j | y_t = i) = M_t[i, j]``.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``μ`` ``(B, n, C)`` and ``M`` ``(B, n − 1, C, C)``.
+    """
+    batch, length, num_tags = emissions.shape
+    alphas = [start + emissions[:, 0]]
     for t in range(1, length):
-        alpha = torch.logsumexp(alpha[:, None] + transitions + emissions[t][None, :], dim=0)
-    return torch.logsumexp(alpha + end, dim=0)
+        alphas.append(torch.logsumexp(alphas[-1][:, :, None] + transitions, dim=1) + emissions[:, t])
+    betas = [end.expand(batch, num_tags)]
+    for t in range(length - 2, -1, -1):
+        betas.append(torch.logsumexp(transitions + (emissions[:, t + 1] + betas[-1])[:, None, :], dim=2))
+    # shape: (B, n, C)
+    alpha = torch.stack(alphas, dim=1)
+    beta = torch.stack(betas[::-1], dim=1)
+    log_partition = torch.logsumexp(alpha[:, -1] + end, dim=1)
+    marginals = torch.exp(alpha + beta - log_partition[:, None, None])
+    # shape: (B, n − 1, C, C); M_t[i, j] = exp(A[i, j] + s_{t+1}[j] + β_{t+1}[j] − β_t[i]), no division by μ
+    chain = torch.exp(transitions + (emissions[:, 1:] + beta[:, 1:])[:, :, None, :] - beta[:, :-1, :, None])
+    return marginals, chain
+
+
+def _forward_products(chain: torch.Tensor, length: int) -> torch.Tensor:
+    """Return ``F[t, u] = M_t ⋯ M_{u−1} = p(y_u | y_t)`` for ``u ≥ t`` and zero below, shape ``(B, n, n, C, C)``."""
+    batch, num_tags = chain.shape[0], chain.shape[-1]
+    products = torch.zeros(batch, length, length, num_tags, num_tags, dtype=chain.dtype)
+    rows = torch.arange(length)
+    current = torch.eye(num_tags, dtype=chain.dtype).expand(batch, length, num_tags, num_tags)
+    products[:, rows, rows] = current
+    for offset in range(1, length):
+        # F[t, t + k] = F[t, t + k − 1] · M_{t + k − 1}
+        current = current[:, :-1] @ chain[:, offset - 1 :]
+        products[:, rows[:-offset], rows[offset:]] = current
+    return products
 
 
 def _inner_hessians(params: HeadParams, features: torch.Tensor) -> torch.Tensor:
     """Hessians of log_partition wrt ``(emissions, A, π, ω)`` for equal-length sentences.
 
+    Each Hessian is the covariance of the sufficient statistics: the one-hot
+    tag of every word, the tag pair counts, and the first and last tags.
+    Pair probabilities come from products of the posterior chain.
     ``features`` has shape ``(B, n, d)``; the result has shape ``(B, m, m)``
     with ``m = n·C + C² + 2C``.
     """
     weight, bias, transitions, start, end = params.to_torch()
     batch, length, _ = features.shape
     num_tags = params.num_tags
-    # shape: (B, n·C)
-    emissions = (features @ weight.T + bias).reshape(batch, -1)
-    shared = torch.cat([transitions.ravel(), start, end]).expand(batch, -1)
-    # shape: (B, m)
-    inputs = torch.cat([emissions, shared], dim=1)
+    marginals, chain = _posterior_chain(features @ weight.T + bias, transitions, start, end)
+    forward = _forward_products(chain, length)
+    # shape: (B, n − 1, C, C) pairwise marginals ξ_t[i, j] = μ_t[i] M_t[i, j]
+    pairwise = marginals[:, :-1, :, None] * chain
+    pair_totals = pairwise.sum(dim=1)
 
-    def log_partition(row: torch.Tensor) -> torch.Tensor:
-        return _log_partition_of_inputs(row, length, num_tags)
+    # shape: (B, n, n, C, C); p(y_t = a, y_u = b) for t < u, zero elsewhere
+    strict = forward.clone()
+    strict[:, torch.arange(length), torch.arange(length)] = 0.0
+    upper = marginals[:, :, None, :, None] * strict
+    node_joint = upper + upper.permute(0, 2, 1, 4, 3)
+    words = torch.arange(length)
+    node_joint[:, words, words] = torch.diag_embed(marginals)
+    node_node = node_joint - marginals[:, :, None, :, None] * marginals[:, None, :, None, :]
 
-    return torch.func.vmap(torch.func.hessian(log_partition))(inputs)
+    # shape: (B, n, C, C, C); Σ_e p(y_t = a, y_e = i, y_{e+1} = j), split into edges e ≥ t and e < t
+    after = marginals[..., None, None] * torch.einsum("btuai,buij->btaij", forward[:, :, :-1], chain)
+    before = torch.einsum("beij,betja->btaij", pairwise, forward[:, 1:])
+    node_pair = after + before - marginals[..., None, None] * pair_totals[:, None, None]
+
+    # shape: (B, C, C, C, C); Σ_{e<f} p(pair_e = (i, j), pair_f = (k, l))
+    reach = torch.einsum("beij,befjk->bfijk", pairwise, forward[:, 1:, :-1])
+    ordered = torch.einsum("bfijk,bfkl->bijkl", reach, chain)
+    pair_pair = ordered + ordered.permute(0, 3, 4, 1, 2) + torch.diag_embed(pair_totals.reshape(batch, -1)).reshape(ordered.shape)
+    pair_pair = pair_pair - pair_totals[:, :, :, None, None] * pair_totals[:, None, None]
+    return _assemble_inner(node_node, node_pair, pair_pair, length, num_tags)
+
+
+def _assemble_inner(node_node, node_pair, pair_pair, length: int, num_tags: int) -> torch.Tensor:
+    """Lay the covariance blocks out in input order; π and ω repeat the first and last words' tags."""
+    batch = node_node.shape[0]
+    nodes = length * num_tags
+    pairs = num_tags * num_tags
+    base = torch.empty(batch, nodes + pairs, nodes + pairs, dtype=node_node.dtype)
+    # shape: (B, n, n, C, C) → (B, n, C, n, C)
+    base[:, :nodes, :nodes] = node_node.permute(0, 1, 3, 2, 4).reshape(batch, nodes, nodes)
+    base[:, :nodes, nodes:] = node_pair.reshape(batch, nodes, pairs)
+    base[:, nodes:, :nodes] = node_pair.reshape(batch, nodes, pairs).transpose(1, 2)
+    base[:, nodes:, nodes:] = pair_pair.reshape(batch, pairs, pairs)
+    first = torch.arange(num_tags)
+    index = torch.cat([torch.arange(nodes + pairs), first, first + (length - 1) * num_tags])
+    return base[:, index][:, :, index]
 
 
 class _HessianAccumulator:
