@@ -63,3 +63,7 @@ class EditConflictError(SegfluError, ValueError):
 
 class ExportTargetExistsError(SegfluError, FileExistsError):
     """An export would replace an existing file, and overwriting was not requested."""
+
+
+class ReproductionDataError(SegfluError):
+    """A corpus that a ``segflu reproduce`` experiment reads is missing."""

@@ -1,0 +1,63 @@
+"""Tests of ``segflu reproduce``: every experiment in quick mode, and the pieces that can be checked exactly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from segflu_core.errors import ReproductionDataError
+from segflu_core.reproduce import RunSettings, run_experiment
+from segflu_core.reproduce.common import data_file, document_key
+from tests.conftest import shared_file
+
+
+def quick_settings(tmp_path, tiny_encoder, data_dir) -> RunSettings:
+    return RunSettings(data_dir=data_dir, out_dir=tmp_path / "out", quick=True, device="cpu",
+                       encoder=str(tiny_encoder), threads=1)
+
+
+def shared_data_dir(relative: str):
+    """Return the data folder that contains ``relative``, or skip when it is absent."""
+    path = shared_file(relative)
+    return path.parents[len(relative.split("/")) - 1]
+
+
+def check_common_keys(result: dict, out_dir, experiment: str) -> None:
+    assert result["experiment"] == experiment
+    assert result["settings"]["quick"] is True
+    assert result["wall_time_s"] > 0
+    assert result["machine"]["cpu_count"] >= 1
+    written = json.loads((out_dir / f"{experiment}.json").read_text(encoding="utf-8"))
+    assert written["experiment"] == experiment
+    for name in result["files"]:
+        assert (out_dir / name).stat().st_size > 0
+
+
+def test_missing_data_file_names_option(tmp_path):
+    settings = RunSettings(data_dir=tmp_path, out_dir=tmp_path / "out")
+    with pytest.raises(ReproductionDataError) as caught:
+        data_file(settings, "ebm_nlp/acl_lstm_crf_data/dev.txt")
+    message = str(caught.value)
+    assert "ebm_nlp/acl_lstm_crf_data/dev.txt" in message
+    assert "--data-dir" in message
+    assert "SEGFLU_SHARED_DATA" in message
+
+
+def test_document_key_drops_sentence_number():
+    assert document_key("conll_train_12_3") == "conll_train_12"
+    assert document_key("12345_0") == "12345"
+
+
+def test_validate_quick(tmp_path, tiny_encoder):
+    data_dir = shared_data_dir("segment_influence_paper/data/conll_corrected/train_corrected.jsonl")
+    result = run_experiment("validate", quick_settings(tmp_path, tiny_encoder, data_dir))
+    check_common_keys(result, tmp_path / "out", "validate")
+    for key in ("pearson", "spearman", "pearson_without_hessian", "spearman_without_hessian"):
+        assert result[key] is None or -1.0 <= result[key] <= 1.0
+    assert 0.0 <= result["sign_agreement"] <= 1.0
+    assert 1 <= result["test_words"] <= 3
+    assert result["pairs"] == 4 * result["test_words"]
+    assert result["refit"]["converged"] is True
+    assert "validate_scatter.png" in result["files"]
