@@ -61,3 +61,41 @@ def test_validate_quick(tmp_path, tiny_encoder):
     assert result["pairs"] == 4 * result["test_words"]
     assert result["refit"]["converged"] is True
     assert "validate_scatter.png" in result["files"]
+
+
+def test_insert_artifact_labels_next_word():
+    from segflu_core.reproduce.artifact import ARTIFACT, insert_artifact
+
+    tokens = ["Peter", "went", "to", "Paris", "on", "Monday"]
+    tags = ["B-PER", "O", "O", "B-LOC", "O", "O"]
+    rng = np.random.default_rng(0)
+    positions = set()
+    for _ in range(40):
+        new_tokens, new_tags, position = insert_artifact(tokens, tags, rng)
+        positions.add(position)
+        assert len(new_tokens) == len(tokens) + 1
+        assert new_tokens[position - 1] == ARTIFACT
+        assert new_tags[position - 1] == "O"
+        assert new_tags[position] == "B-PER"
+        assert tags[position - 1] == "O"
+        assert new_tokens[:position - 1] + new_tokens[position:] == tokens
+        untouched = new_tags[:position - 1] + new_tags[position + 1 :]
+        assert untouched == tags[:position - 1] + tags[position:]
+    assert positions == {2, 3, 5, 6}
+
+
+def test_insert_artifact_needs_o_word():
+    from segflu_core.reproduce.artifact import insert_artifact
+
+    assert insert_artifact(["Paris"], ["B-LOC"], np.random.default_rng(0)) is None
+    assert insert_artifact(["The", "Hague"], ["B-LOC", "I-LOC"], np.random.default_rng(0)) is None
+
+
+def test_artifact_quick(tmp_path, tiny_encoder):
+    data_dir = shared_data_dir("segment_influence_paper/data/conll_corrected/train_corrected_artifact.jsonl")
+    result = run_experiment("artifact", quick_settings(tmp_path, tiny_encoder, data_dir))
+    check_common_keys(result, tmp_path / "out", "artifact")
+    assert result["queries"] >= 1
+    for key in ("predicted_b_per_share", "segment_top1_share", "instance_top1_share", "nn_dot_top1_share", "nn_cosine_top1_share"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["settings"]["train_sentences"] == 80
