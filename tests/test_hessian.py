@@ -24,7 +24,7 @@ def autograd_hessian(params: HeadParams, features, labels, l2: float) -> np.ndar
     return torch.autograd.functional.hessian(objective, vector).numpy()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def problem():
     rng = np.random.default_rng(3)
     params = random_params(rng)
@@ -32,11 +32,17 @@ def problem():
     return params, features, labels
 
 
+@pytest.fixture(scope="module")
+def expected_hessian(problem) -> np.ndarray:
+    params, features, labels = problem
+    return autograd_hessian(params, features, labels, 0.2)
+
+
 @pytest.mark.parametrize("max_batch_tokens", [1, 4, 1000])
-def test_hessian_matches_autograd(problem, max_batch_tokens):
+def test_hessian_matches_autograd(problem, expected_hessian, max_batch_tokens):
     params, features, labels = problem
     actual = head_hessian(params, features, labels, l2=0.2, max_batch_tokens=max_batch_tokens)
-    expected = autograd_hessian(params, features, labels, 0.2)
+    expected = expected_hessian
     assert actual.shape == (params.size, params.size)
     np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-12)
 

@@ -129,3 +129,11 @@ def test_correlation_summary_constant_column():
     summary = correlation_summary(pd.DataFrame({"predicted": [1.0, 1.0], "actual": [0.0, 2.0]}))
     assert np.isnan(summary["pearson"])
     assert summary["n"] == 2
+
+
+def test_refit_from_minimum_keeps_it(problem, minimum):
+    _, features, labels = problem
+    fitted, info = refit_head(minimum, features, labels, l2=L2, tolerance=1e-6)
+    assert info["iterations"] == 0
+    assert info["converged"]
+    np.testing.assert_array_equal(fitted.flatten(), minimum.flatten())

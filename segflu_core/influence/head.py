@@ -475,6 +475,10 @@ def _minimize(evaluate, start: np.ndarray, tolerance: float, max_iterations: int
             raise StopIteration
 
     z0 = start if preconditioner is None else np.zeros_like(start)
+    _, gradient = evaluate(start)
+    if np.abs(gradient).max() <= tolerance:
+        # Already converged, and L-BFGS-B would still take one step.
+        return start, scipy.optimize.OptimizeResult(x=z0, nit=0, message="start point already converged")
     # The callback enforces the tolerance on ∇θ J; scipy's own tests are disabled.
     options = {"maxiter": max_iterations, "gtol": 0.0, "ftol": 0.0, "maxcor": 20, "maxls": 50}
     result = scipy.optimize.minimize(

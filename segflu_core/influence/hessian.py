@@ -136,7 +136,10 @@ class _HessianAccumulator:
         self.dim = dim
         extra = num_tags * num_tags + 2 * num_tags
         augmented = num_tags * (dim + 1)
-        self.emission_block = torch.zeros(augmented, augmented, dtype=torch.float64)
+        # The emission block is symmetric under swapping (c, j) and (c', l), so
+        # only tag pairs c ≤ c' are accumulated, as (d + 1, pairs, d + 1).
+        self.first_tags, self.second_tags = (torch.from_numpy(i) for i in np.triu_indices(num_tags))
+        self.emission_pairs = torch.zeros(dim + 1, len(self.first_tags), dim + 1, dtype=torch.float64)
         self.cross_block = torch.zeros(augmented, extra, dtype=torch.float64)
         self.extra_block = torch.zeros(extra, extra, dtype=torch.float64)
 
@@ -151,14 +154,15 @@ class _HessianAccumulator:
         # shape: (B·n, d + 1)
         flat = augmented.reshape(batch * length, dim + 1)
 
-        # shape: (B, n, C, n, C) → (B, n, C, C, n): emission-emission block, second word last
+        # shape: (B, n, C, n, C) → (pairs, B, n, n) → (B, n, pairs, n): tag pairs c ≤ c', second word last
         emission_hessian = hessians[:, :split, :split].reshape(batch, length, num_tags, length, num_tags)
-        emission_hessian = emission_hessian.permute(0, 1, 2, 4, 3).reshape(batch, length * num_tags * num_tags, length)
-        # shape: (B·n, C·C·(d + 1)); contracted with the second word's features
-        right = torch.bmm(emission_hessian, augmented).reshape(batch * length, -1)
-        # shape: (d + 1, C, C, d + 1) → (C, d + 1, C, d + 1)
-        product = (flat.T @ right).reshape(dim + 1, num_tags, num_tags, dim + 1).permute(1, 0, 2, 3)
-        self.emission_block += product.reshape(self.emission_block.shape)
+        emission_hessian = emission_hessian[:, :, self.first_tags, :, self.second_tags].permute(1, 2, 0, 3)
+        pair_count = len(self.first_tags)
+        # shape: (B·n, pairs·(d + 1)); contracted with the second word's features
+        right = torch.bmm(emission_hessian.reshape(batch, length * pair_count, length), augmented)
+        right = right.reshape(batch * length, pair_count * (dim + 1))
+        # shape: (d + 1, pairs, d + 1)
+        self.emission_pairs += (flat.T @ right).reshape(dim + 1, pair_count, dim + 1)
 
         # shape: (B·n, C·K)
         cross = hessians[:, :split, split:].reshape(batch * length, -1)
@@ -175,8 +179,13 @@ class _HessianAccumulator:
         # position of augmented parameter (c, j) in the flattened head: W[c, j], or b[c] when j = d
         position = np.where(column < dim, tag * dim + column, num_tags * dim + tag)
         extra = np.arange(num_tags * (dim + 1), size)
+        # shape: (C, d + 1, C, d + 1); the pair (c, c') fills block [c, :, c', :] and its transpose
+        emission_block = torch.empty(num_tags, dim + 1, num_tags, dim + 1, dtype=torch.float64)
+        emission_block[self.first_tags, :, self.second_tags, :] = self.emission_pairs.permute(1, 0, 2)
+        emission_block[self.second_tags, :, self.first_tags, :] = self.emission_pairs.permute(1, 2, 0)
+        augmented = num_tags * (dim + 1)
         hessian = np.empty((size, size))
-        hessian[np.ix_(position, position)] = self.emission_block.numpy()
+        hessian[np.ix_(position, position)] = emission_block.reshape(augmented, augmented).numpy()
         hessian[np.ix_(position, extra)] = self.cross_block.numpy()
         hessian[np.ix_(extra, position)] = self.cross_block.numpy().T
         hessian[np.ix_(extra, extra)] = self.extra_block.numpy()
