@@ -307,3 +307,20 @@ def test_item_gradient_needs_pairwise_for_spans(problem):
     residuals, _, _, _ = brute_item_statistics(params, features[2], labels[2], 1, 3)
     with pytest.raises(ValueError, match="expected pairwise marginals"):
         item_gradient(residuals, labels[2], None, 1, 3)
+
+
+def test_word_scores_rejects_bad_labels(problem):
+    params, features, labels = problem
+    flat = np.concatenate(features)
+    residuals = np.zeros((len(flat), NUM_TAGS))
+    prev_labels, next_labels = neighbour_labels(labels)
+    with pytest.raises(ValueError, match="expected prev_labels in"):
+        word_scores(params, flat, residuals, prev_labels + NUM_TAGS, next_labels)
+    with pytest.raises(ValueError, match="expected next_labels of shape"):
+        word_scores(params, flat, residuals, prev_labels, next_labels[:-1])
+
+
+def test_neighbour_labels_marks_sentence_edges():
+    prev_labels, next_labels = neighbour_labels([np.array([2]), np.array([0, 1, 2])])
+    np.testing.assert_array_equal(prev_labels, [-1, -1, 0, 1])
+    np.testing.assert_array_equal(next_labels, [-1, 1, 2, -1])

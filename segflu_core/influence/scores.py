@@ -104,8 +104,10 @@ def word_scores(query: HeadParams, features, residuals, prev_labels, next_labels
     prev_labels = np.asarray(prev_labels, dtype=np.int64)
     next_labels = np.asarray(next_labels, dtype=np.int64)
     for name, values in (("prev_labels", prev_labels), ("next_labels", next_labels)):
-        if values.shape != (num_words,) or (num_words and (values.min() < -1 or values.max() >= query.num_tags)):
-            raise ValueError(f"expected {name} of shape ({num_words},) in [-1, {query.num_tags}), got shape {values.shape}")
+        if values.shape != (num_words,):
+            raise ValueError(f"expected {name} of shape ({num_words},), got shape {values.shape}")
+        if num_words and (values.min() < -1 or values.max() >= query.num_tags):
+            raise ValueError(f"expected {name} in [-1, {query.num_tags}), got values from {values.min()} to {values.max()}")
 
     # shape: (C + 1, C); row p is Q_A[p, :], and index -1 selects Q_π
     entering = np.vstack([query.transitions, query.start])
