@@ -99,3 +99,63 @@ def test_artifact_quick(tmp_path, tiny_encoder):
     for key in ("predicted_b_per_share", "segment_top1_share", "instance_top1_share", "nn_dot_top1_share", "nn_cosine_top1_share"):
         assert 0.0 <= result[key] <= 1.0
     assert result["settings"]["train_sentences"] == 80
+
+
+@pytest.mark.parametrize(
+    "order_is_bad, expected",
+    [
+        ([True, False, True, False], [0.5, 0.5, 1.0, 1.0]),
+        ([False, False, True], [0.0, 0.0, 1.0]),
+        ([True, True], [0.5, 1.0]),
+        ([False, False], [0.0, 0.0]),
+    ],
+)
+def test_found_fraction_curve_table(order_is_bad, expected):
+    from segflu_core.reproduce.noise import found_fraction_curve
+
+    np.testing.assert_allclose(found_fraction_curve(np.array(order_is_bad)), expected)
+
+
+def test_ranking_order_puts_nan_last():
+    from segflu_core.reproduce.noise import ranking_order
+
+    order = ranking_order(np.array([0.1, np.nan, 3.0, 2.0]), np.random.default_rng(0))
+    assert list(order) == [2, 3, 0, 1]
+
+
+def check_noise_result(result: dict, tmp_path, experiment: str, kinds: tuple[str, ...], methods: list[str]) -> None:
+    import pandas as pd
+
+    check_common_keys(result, tmp_path / "out", experiment)
+    assert set(result["recall"]) == set(kinds)
+    for kind in kinds:
+        assert 1 <= result["bad_documents"][kind] < result["documents"]
+        for method in methods:
+            recall = result["recall"][kind][method]
+            assert 0.0 <= recall["at_50"] <= recall["at_100"] <= recall["at_200"] <= 1.0
+    curves = pd.read_csv(tmp_path / "out" / f"{experiment}_curves.csv")
+    for (kind, method), curve in curves.groupby(["noise", "method"]):
+        found = curve.sort_values("documents")["found"].to_numpy()
+        assert np.all(np.diff(found) >= 0), (kind, method)
+        assert found[-1] == pytest.approx(1.0), (kind, method)
+        assert len(found) == result["documents"]
+
+
+NOISE_METHODS = ["random", "sentence-loss-max", "word-loss-mean", "entropy-max", "grad-norm-mean",
+                 "segment-influence-max", "instance-influence-mean", "nn-max"]
+
+
+def test_noise_synthetic_quick(tmp_path, tiny_encoder):
+    data_dir = shared_data_dir("segment_influence_paper/data/conll_corrected/train_corrected_modified_docs.jsonl")
+    result = run_experiment("noise-synthetic", quick_settings(tmp_path, tiny_encoder, data_dir))
+    check_noise_result(result, tmp_path, "noise-synthetic", ("org_to_loc", "random"), NOISE_METHODS)
+    assert result["documents"] == 18
+    assert result["bad_documents"] == {"org_to_loc": 6, "random": 6}
+
+
+def test_noise_real_quick(tmp_path, tiny_encoder):
+    data_dir = shared_data_dir("segment_influence_paper/data/conll_corrected/train_original.jsonl")
+    result = run_experiment("noise-real", quick_settings(tmp_path, tiny_encoder, data_dir))
+    check_noise_result(result, tmp_path, "noise-real", ("annotation_errors",), NOISE_METHODS + ["cleanlab"])
+    assert result["bad_documents"] == {"annotation_errors": 6}
+    assert result["settings"]["cleanlab_version"]
