@@ -42,7 +42,11 @@ DEFAULT_FROZEN_HEAD_LR = 1e-2
 
 @dataclass
 class TrainConfig:
-    """Settings of one training run; ``help`` in each field's metadata describes it."""
+    """Settings of one training run; ``help`` in each field's metadata describes it.
+
+    NOTE: ``head_lr=None`` is replaced by its default at construction, so
+    ``dataclasses.replace(config, freeze_encoder=True)`` keeps the old rate.
+    """
 
     epochs: int = field(default=3, metadata={"help": "passes over the training sentences when fine-tuning"})
     batch_size: int = field(default=16, metadata={"help": "sentences per optimisation step"})

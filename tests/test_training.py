@@ -198,6 +198,23 @@ def test_train_command_rejects_bad_option(tiny_encoder, tmp_path, capsys):
     assert "epochs" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
 
+    missing = arguments[:2] + [str(tmp_path / "missing.conll")] + arguments[3:-2]
+    assert main(missing) == 2
+    assert "missing.conll" in capsys.readouterr().err
+
+
+def test_train_command_rejects_missing_cuda(tiny_encoder, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available on this machine")
+    paths = write_splits(tmp_path, train_size=10, dev_size=5)
+    arguments = ["train", "--train", str(paths["train"]), "--dev", str(paths["dev"]), "--out", str(tmp_path / "p"),
+                 "--encoder", str(tiny_encoder), "--device", "cuda"]
+    assert main(arguments) == 2
+    assert "--device cpu" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
 
 def test_train_help_states_config_defaults():
     import argparse

@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train, write the project folder and print the dev (and test) scores."""
+    from segflu_core.tagger import resolve_device
     from segflu_core.training import TrainConfig, train_project
 
     options = {
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
             freeze_encoder=args.freeze_encoder,
             **{name: value for name, value in options.items() if value is not None},
         )
+        resolve_device(config.device)
     except ValueError as error:
         print(f"segflu train: error: {error}", file=sys.stderr)
         return 2
