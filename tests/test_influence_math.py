@@ -123,14 +123,7 @@ def test_unflatten_rejects_wrong_size():
 
 def test_tagger_round_trip(problem):
     params, _, _ = problem
-    tagger = SimpleNamespace(
-        emission=torch.nn.Linear(DIM, NUM_TAGS),
-        crf=SimpleNamespace(
-            transitions=torch.nn.Parameter(torch.zeros(NUM_TAGS, NUM_TAGS)),
-            start_transitions=torch.nn.Parameter(torch.zeros(NUM_TAGS)),
-            end_transitions=torch.nn.Parameter(torch.zeros(NUM_TAGS)),
-        ),
-    )
+    tagger = SimpleNamespace(emission=torch.nn.Linear(DIM, NUM_TAGS), crf=crf.CRF(NUM_TAGS))
     params.to_tagger(tagger)
     assert tagger.emission.weight.dtype == torch.float32
     back = HeadParams.from_tagger(tagger)
@@ -324,3 +317,15 @@ def test_neighbour_labels_marks_sentence_edges():
     prev_labels, next_labels = neighbour_labels([np.array([2]), np.array([0, 1, 2])])
     np.testing.assert_array_equal(prev_labels, [-1, -1, 0, 1])
     np.testing.assert_array_equal(next_labels, [-1, 1, 2, -1])
+
+
+def test_segment_losses_match_crf_module(problem):
+    params, features, labels = problem
+    items = [(1, 1, 3), (2, 0, 5), (2, 3, 5), (4, 2, 3), (0, 0, 1)]
+    emissions, tags, mask = padded_batch([features[s] for s, _, _ in items], [labels[s] for s, _, _ in items], params)
+    _, _, transitions, start, end = params.to_torch()
+    seg_start = torch.tensor([a for _, a, _ in items])
+    seg_end = torch.tensor([b for _, _, b in items])
+    conditional = crf.segment_conditional(emissions, tags, mask, transitions, start, end, seg_start, seg_end)
+    expected = -conditional.log_likelihood.numpy()
+    np.testing.assert_allclose(segment_losses(params, features, labels, items), expected, rtol=1e-10, atol=1e-12)
