@@ -159,3 +159,72 @@ def test_noise_real_quick(tmp_path, tiny_encoder):
     check_noise_result(result, tmp_path, "noise-real", ("annotation_errors",), NOISE_METHODS + ["cleanlab"])
     assert result["bad_documents"] == {"annotation_errors": 6}
     assert result["settings"]["cleanlab_version"]
+
+
+DOSAGE_EXAMPLES = [
+    ("Nitrendipine was given orally at a dosage of 20 mg once daily", ["20 mg"]),
+    ("The dose of oral famotidine was 2 mg/kg/day", ["2 mg/kg/day"]),
+    ("patients received 0.5 mg/kg of ketamine", ["0.5 mg/kg"]),
+    ("aspirin 2 x 100 mg per day", ["2 x 100 mg"]),
+    ("low doses of aspirin ( 100 mg/-day ) on clinic", ["100 mg/-day"]),
+    ("either 10-20 mg or 1.5 g of the drug", ["10-20 mg", "1.5 g"]),
+    ("infusion at the dose of 7.5 ml/kg for 30 minutes", ["7.5 ml/kg"]),
+    ("vitamin D 1000 IU daily and 400 units of insulin", ["1000 IU", "400 units"]),
+    ("a 25mg tablet", ["25mg"]),
+]
+NON_DOSAGE_EXAMPLES = [
+    "Thirty-six extracted human molars were assigned to six groups",
+    "120 patients were followed for 12 months",
+    "pain decreased by 30 % ( 95 % CI 10 to 40 )",
+    "the 2 groups differed at 10 min and 4 h",
+    "mean age 54.5 years , BMI 27 kg/m2",
+    "Group A ( n = 20 ) and group B ( n = 25 )",
+]
+
+
+@pytest.mark.parametrize("text, expected", DOSAGE_EXAMPLES)
+def test_dosage_spans_find_dosages(text, expected):
+    from segflu_core.reproduce.dosage import dosage_spans
+
+    tokens = text.split(" ")
+    found = [" ".join(tokens[start:end]) for start, end in dosage_spans(tokens)]
+    assert found == expected
+
+
+@pytest.mark.parametrize("text", NON_DOSAGE_EXAMPLES)
+def test_dosage_spans_skip_non_dosages(text):
+    from segflu_core.reproduce.dosage import dosage_spans
+
+    assert dosage_spans(text.split(" ")) == []
+
+
+def test_intervention_tags_make_spans():
+    from segflu_core.reproduce.dosage import intervention_tags
+
+    labels = ["N", "I", "I", "P", "I", "O", "I", "I", "I", "N"]
+    expected = ["O", "B-INT", "I-INT", "O", "B-INT", "O", "B-INT", "I-INT", "I-INT", "O"]
+    assert intervention_tags(labels) == expected
+
+
+def test_drop_empty_tokens_counts_lines(tmp_path):
+    from segflu_core.reproduce.dosage import drop_empty_tokens
+
+    source = tmp_path / "crowd.txt"
+    source.write_bytes("-DOCSTART- -X- N\n\nA DT N\n VBD N\ncaf\xe9 NN I\n\n".encode("cp1252"))
+    target = tmp_path / "clean.txt"
+    assert drop_empty_tokens(source, target, "cp1252") == 1
+    assert target.read_text(encoding="utf-8") == "-DOCSTART- -X- N\n\nA DT N\ncaf\xe9 NN I\n\n"
+
+
+def test_dosage_quick(tmp_path, tiny_encoder):
+    data_dir = shared_data_dir("ebm_nlp/acl_lstm_crf_data/dev.txt")
+    result = run_experiment("dosage", quick_settings(tmp_path, tiny_encoder, data_dir))
+    check_common_keys(result, tmp_path / "out", "dosage")
+    assert result["test_dosages"] >= result["queries"] >= 1
+    assert result["settings"]["empty_tokens_dropped"] >= 1
+    assert set(result["shares"]) == {"instance", "segment", "nn_dot", "nn_cosine"}
+    assert "supporting_word" not in result["shares"]["instance"]
+    for shares in result["shares"].values():
+        for value in shares.values():
+            assert 0.0 <= value <= 1.0
+        assert shares["conflicting_example"] <= min(shares["supporting_example"], shares["opposing_example"])
