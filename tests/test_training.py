@@ -127,7 +127,9 @@ def check_project(out, paths, hashes, config):
     dev = read_corpus(paths["dev"])
     tagger = Tagger.load(out / "model")
     predicted = tagger.predict([sentence.tokens for sentence in dev.sentences])
-    assert evaluate([sentence.tags for sentence in dev.sentences], predicted)["micro"] == metrics["dev"]["micro"]
+    # The saved metrics come from the tagger before saving, so equal scores,
+    # per-type counts and confusion counts show the reloaded one predicts alike.
+    assert evaluate([sentence.tags for sentence in dev.sentences], predicted) == metrics["dev"]
     return metrics
 
 
