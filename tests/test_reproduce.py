@@ -228,3 +228,27 @@ def test_dosage_quick(tmp_path, tiny_encoder):
         for value in shares.values():
             assert 0.0 <= value <= 1.0
         assert shares["conflicting_example"] <= min(shares["supporting_example"], shares["opposing_example"])
+
+
+def test_f1_quick(tmp_path, tiny_encoder):
+    data_dir = shared_data_dir("conllpp/conllpp_train.txt")
+    shared_file("conll2003_original/eng.testb")
+    result = run_experiment("f1", quick_settings(tmp_path, tiny_encoder, data_dir))
+    check_common_keys(result, tmp_path / "out", "f1")
+    for key in ("frozen_test_f1", "frozen_dev_f1", "fine_tuned_test_f1", "fine_tuned_dev_f1"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["settings"]["sentences"] == {"train": 60, "dev": 20, "test": 20}
+    assert result["settings"]["modes"]["frozen"]["freeze_encoder"] is True
+    assert result["settings"]["modes"]["fine_tuned"]["freeze_encoder"] is False
+
+
+def test_f1_test_split_is_iob2(tmp_path):
+    from segflu_core.reproduce.f1 import read_splits
+    from segflu_core.schemes import find_tag_problems
+
+    data_dir = shared_data_dir("conll2003_original/eng.testb")
+    splits = read_splits(RunSettings(data_dir=data_dir, out_dir=tmp_path, quick=True))
+    test_tags = [tag for sentence in splits["test"] for tag in sentence.tags]
+    assert any(tag.startswith("B-") for tag in test_tags)
+    for sentence in splits["test"]:
+        assert find_tag_problems(sentence.tags, "iob2") == []

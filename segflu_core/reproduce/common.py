@@ -188,6 +188,7 @@ def train_and_index(
     refit_head: bool = False,
     hessian: bool = False,
     l2: float = 1e-4,
+    index: bool = True,
 ):
     """Train a tagger on ``splits["train"]`` (epochs picked on ``splits["dev"]``) and build its index.
 
@@ -197,7 +198,7 @@ def train_and_index(
     Returns
     -------
     segflu_core.project.Project
-        The trained project with its index built.
+        The trained project, with its index built unless ``index`` is False.
     """
     from segflu_core.conll import write_jsonl
     from segflu_core.influence.index import build_index
@@ -216,7 +217,8 @@ def train_and_index(
         encoder=settings.encoder, config=config or head_config(settings), overwrite=True, progress=settings.progress,
     )
     project = Project.load(project_dir, device=settings.device)
-    build_index(project, refit_head=refit_head, hessian=hessian, l2=l2, progress=settings.progress)
+    if index:
+        build_index(project, refit_head=refit_head, hessian=hessian, l2=l2, progress=settings.progress)
     return project
 
 

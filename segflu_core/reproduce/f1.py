@@ -1,0 +1,70 @@
+"""``f1``: CoNLL-2003 test F1 of the default encoder, with a frozen and a fine-tuned encoder.
+
+The tagger trains on CoNLL++ ``conllpp_train.txt`` (the original CoNLL-2003
+training labels in IOB2), picks its epoch on ``conllpp_dev.txt`` and is
+tested on the original ``eng.testb``, whose IOB1 tags are read as IOB2.
+Jain et al. (2022) report 92 test F1 with BigBird-base fine-tuned on a GPU.
+
+Fine-tuning runs 3 epochs on all training sentences on a GPU. On a CPU it
+runs 1 epoch on the first 3,000 sentences, so that the run fits in about
+30 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from segflu_core.reproduce.common import RunSettings, data_file, head_config, train_and_index, write_result
+
+logger = logging.getLogger(__name__)
+
+NAME = "f1"
+TRAIN_FILE = "conllpp/conllpp_train.txt"
+DEV_FILE = "conllpp/conllpp_dev.txt"
+TEST_FILE = "conll2003_original/eng.testb"
+QUICK_SENTENCES = {"train": 60, "dev": 20, "test": 20}
+CPU_FINE_TUNE = {"epochs": 1, "max_train_sentences": 3000}
+GPU_FINE_TUNE = {"epochs": 3, "max_train_sentences": None}
+
+
+def fine_tune_config(settings: RunSettings):
+    """Return the fine-tuning settings: 1 epoch in quick mode, the CPU or GPU plan otherwise."""
+    from segflu_core.tagger import resolve_device
+    from segflu_core.training import TrainConfig
+
+    if settings.quick:
+        plan = {"epochs": 1, "max_train_sentences": None}
+    else:
+        plan = GPU_FINE_TUNE if resolve_device(settings.device).type == "cuda" else CPU_FINE_TUNE
+    return TrainConfig(freeze_encoder=False, batch_size=16, seed=settings.seed, device=settings.device, **plan)
+
+
+def read_splits(settings: RunSettings) -> dict:
+    """Read the three files as sentences with IOB2 tags; quick mode keeps the first few sentences of each."""
+    from segflu_core.conll import read_corpus
+
+    files = {"train": TRAIN_FILE, "dev": DEV_FILE, "test": TEST_FILE}
+    splits = {}
+    for split, relative in files.items():
+        sentences = [s for s in read_corpus(data_file(settings, relative)).sentences if s.tokens]
+        splits[split] = sentences[: QUICK_SENTENCES[split]] if settings.quick else sentences
+    return splits
+
+
+def run(settings: RunSettings) -> dict:
+    """Train a frozen-encoder and a fine-tuned tagger and write ``f1.json``; returns its content."""
+    started = time.perf_counter()
+    splits = read_splits(settings)
+    figures, modes = {}, {}
+    for mode, config in (("frozen", head_config(settings)), ("fine_tuned", fine_tune_config(settings))):
+        mode_started = time.perf_counter()
+        project = train_and_index(settings, f"{NAME}-{mode}", splits, config=config, index=False)
+        metrics = json.loads((project.path / "metrics.json").read_text(encoding="utf-8"))
+        figures[f"{mode}_test_f1"] = metrics["test"]["micro"]["f1"]
+        figures[f"{mode}_dev_f1"] = metrics["dev"]["micro"]["f1"]
+        modes[mode] = {**config.to_dict(), "wall_time_s": round(time.perf_counter() - mode_started, 2),
+                       "test_per_type": metrics["test"]["per_type"]}
+    parameters = {"sentences": {split: len(sentences) for split, sentences in splits.items()}, "modes": modes}
+    return write_result(settings, NAME, figures, started=started, parameters=parameters)
