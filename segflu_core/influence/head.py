@@ -292,12 +292,15 @@ def forward_log_partition(emissions, active: Sequence[int], transitions, start, 
     torch.Tensor
         log_partition per sentence, shape ``(N,)``.
     """
+    # Unbinding once keeps the backward pass from allocating a full (N, T, C)
+    # gradient for every position's slice.
+    steps = emissions.unbind(1)
     # shape: (N, C)
-    alpha = start + emissions[:, 0]
-    for t in range(1, emissions.shape[1]):
+    alpha = start + steps[0]
+    for t in range(1, len(steps)):
         running = active[t]
         # shape: (running, C, C) previous tag × next tag
-        scores = alpha[:running, :, None] + transitions + emissions[:running, t, None, :]
+        scores = alpha[:running, :, None] + transitions + steps[t][:running, None, :]
         alpha = torch.cat([torch.logsumexp(scores, dim=1), alpha[running:]])
     return torch.logsumexp(alpha + end, dim=1)
 
