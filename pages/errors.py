@@ -7,7 +7,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from pages import common
+import pages as common
 from segflu_core.errors import SegfluError
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
-from pages import common, relabel
+import pages as common
 from segflu_core import render
 from segflu_core.errors import SegfluError
 
@@ -20,6 +21,8 @@ METHODS = {
 GRANULARITIES = ("word", "span", "sentence")
 LABEL_FILTERS = {None: "all training items", "same": "same label only", "different": "different label only"}
 SPLITS = ("dev", "test", "train")
+# The entity choice that opens inputs for any word range.
+CUSTOM_RANGE = ("custom", "custom")
 # Pairs of supporting and opposing items shown in the disagreement view.
 MAX_PAIRS = 10
 
@@ -77,7 +80,8 @@ def apply_target() -> None:
     st.session_state["explain_source"] = "data"
     st.session_state["explain_split"] = target["split"]
     st.session_state["explain_sentence"] = target["sentence"]
-    st.session_state["explain_span"] = (target["start"], target["end"])
+    st.session_state["explain_span_request"] = target
+    st.session_state.pop("explain_span", None)
     st.session_state["explain_labels"] = target.get("labels", "predicted")
 
 
@@ -90,21 +94,37 @@ def span_options(gold: list[tuple[int, int, str]], predicted: list[tuple[int, in
     return {key: f"[{key[0]}, {key[1]}) " + ", ".join(captions[key]) for key in sorted(captions)}
 
 
-def choose_span(tokens: list[str], gold: list, predicted: list) -> tuple[int, int] | None:
-    """Let the user pick an entity of the sentence, or any word range, and return ``(start, end)``."""
+def requested_span(split: str | None, sentence: int | None, num_tokens: int) -> tuple[int, int] | None:
+    """Return the range that the Errors page asked to explain, when it belongs to this sentence."""
+    request = st.session_state.get("explain_span_request")
+    if not request or (request["split"], request["sentence"]) != (split, sentence):
+        return None
+    if not 0 <= request["start"] < request["end"] <= num_tokens:
+        return None
+    return request["start"], request["end"]
+
+
+def choose_span(tokens: list[str], gold: list, predicted: list, *, requested: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """Let the user pick an entity of the sentence, or any word range, and return ``(start, end)``.
+
+    ``requested`` is offered, and chosen when nothing valid is chosen yet,
+    even where it is neither a gold nor a predicted entity.
+    """
     options = span_options(gold, predicted)
-    if st.session_state.get("explain_span") not in options and "explain_span" in st.session_state:
-        start, end = st.session_state["explain_span"]
-        if 0 <= start < end <= len(tokens):
-            options[(start, end)] = f"[{start}, {end}) selected range"
-    options[("custom", "custom")] = "another word range ..."
+    if requested is not None and requested not in options:
+        options[requested] = f"[{requested[0]}, {requested[1]}) selected range"
+    options[CUSTOM_RANGE] = "another word range ..."
+    keys = list(options)
+    # A choice left from another sentence is replaced before the widget is drawn.
+    if st.session_state.get("explain_span") not in keys:
+        st.session_state["explain_span"] = requested if requested is not None else keys[0]
     chosen = st.selectbox(
         "Entity to explain",
-        list(options),
-        format_func=lambda key: options[key] if key[0] == "custom" else f"{options[key]}: {' '.join(tokens[key[0]:key[1]])}",
+        keys,
+        format_func=lambda key: options[key] if key == CUSTOM_RANGE else f"{options[key]}: {' '.join(tokens[key[0]:key[1]])}",
         key="explain_span",
     )
-    if chosen[0] != "custom":
+    if chosen != CUSTOM_RANGE:
         return chosen
     columns = st.columns(2)
     start = columns[0].number_input("First word", 0, max(len(tokens) - 1, 0), 0, key="explain_custom_start")
@@ -143,7 +163,7 @@ def query_from_data(project: Any, project_dir: Any) -> dict | None:
         st.error(f"{split} sentence {sentence} cannot be shown: {error}")
         return None
     gold, predicted = common.spans_of(gold_tags), common.spans_of(predicted_tags)
-    span = choose_span(tokens, gold, predicted)
+    span = choose_span(tokens, gold, predicted, requested=requested_span(split, sentence, len(tokens)))
     st.markdown(render.sentence_html(tokens, gold, predicted, focus=span), unsafe_allow_html=True)
     if span is None:
         return None
@@ -238,17 +258,25 @@ def disagreeing_pairs(supporting: pd.DataFrame, opposing: pd.DataFrame, *, limit
     return pairs
 
 
-def show_results(project: Any, project_dir: Any, frame: pd.DataFrame) -> None:
-    """Show the explanation: supporting and opposing lists, or the neighbours, and the disagreeing pairs."""
+def show_results(project: Any, project_dir: Any, frame: pd.DataFrame) -> pd.DataFrame:
+    """Show the explanation: supporting and opposing lists, or the neighbours, and the disagreeing pairs.
+
+    Returns
+    -------
+    DataFrame
+        The shown items in the order shown, with their 1-based ``rank`` in
+        their list.
+    """
     train_edits = common.edit_store(project_dir).edits(split="train")
     if frame["role"].eq("neighbour").any():
+        neighbours = frame[frame["role"] == "neighbour"]
         st.subheader("Nearest training items")
-        show_items(project, project_dir, frame[frame["role"] == "neighbour"], train_edits, empty="No neighbours found.")
-        return
+        show_items(project, project_dir, neighbours, train_edits, empty="No neighbours found.")
+        return ranked(neighbours)
     # Supporting items have negative scores and opposing items positive ones;
     # both lists put the largest magnitude first.
-    supporting = frame[frame["role"] == "supporting"].sort_values("score", ascending=True)
-    opposing = frame[frame["role"] == "opposing"].sort_values("score", ascending=False)
+    supporting = frame[frame["role"] == "supporting"].sort_values("score", ascending=True, kind="stable")
+    opposing = frame[frame["role"] == "opposing"].sort_values("score", ascending=False, kind="stable")
     lists_tab, pairs_tab = st.tabs(["Supporting and opposing", "Disagreeing pairs"])
     with lists_tab:
         left, right = st.columns(2)
@@ -266,6 +294,117 @@ def show_results(project: Any, project_dir: Any, frame: pd.DataFrame) -> None:
             left, right = st.columns(2)
             left.markdown(item_markup(project, project_dir, s_position + 1, supporting.iloc[s_position], train_edits), unsafe_allow_html=True)
             right.markdown(item_markup(project, project_dir, o_position + 1, opposing.iloc[o_position], train_edits), unsafe_allow_html=True)
+    return pd.concat([ranked(supporting), ranked(opposing)], ignore_index=True)
+
+
+def ranked(items: pd.DataFrame) -> pd.DataFrame:
+    """Return a copy of a shown list with each item's 1-based position as ``rank``."""
+    return items.reset_index(drop=True).assign(rank=range(1, len(items) + 1))
+
+
+# The relabel panel: change a training span's labels, preview, save, undo and redo.
+# Edits go to the project's edit database, never into the training file; the
+# Review page exports the corrected file.
+
+OUTSIDE = "O"
+
+
+def item_caption(items: pd.DataFrame, position: int) -> str:
+    """Return the selection-box caption of a shown training item, with its rank in its list."""
+    row = items.iloc[position]
+    tokens = row["tokens"] if isinstance(row["tokens"], str) else " ".join(row["tokens"])
+    return (
+        f"{row['role']} #{row['rank']}: {tokens!r} "
+        f"(train sentence {row['sentence']}, tokens [{row['start']}, {row['end']}), gold {row['gold']})"
+    )
+
+
+def choose_range(num_tokens: int, row: pd.Series) -> tuple[int, int]:
+    """Return the word range to relabel, by default the item's own range."""
+    # The inputs are keyed by the item, so choosing another item resets them.
+    item_key = f"{row['sentence']}_{row['start']}_{row['end']}"
+    columns = st.columns(2)
+    start = columns[0].number_input(
+        "First word", 0, num_tokens - 1, min(int(row["start"]), num_tokens - 1), key=f"explain_relabel_start_{item_key}"
+    )
+    end = columns[1].number_input(
+        "End word (exclusive)", 1, num_tokens, max(min(int(row["end"]), num_tokens), 1), key=f"explain_relabel_end_{item_key}"
+    )
+    return int(start), int(end)
+
+
+def show_preview(tokens: list[str], tags: list[str], changes: list[tuple[int, str, str]]) -> None:
+    """Show the tags that saving would change, with neighbouring tags adjusted to stay valid."""
+    if not changes:
+        st.caption("These words already have this label; saving would change nothing.")
+        return
+    new_tags = list(tags)
+    for position, _old, new in changes:
+        new_tags[position] = new
+    st.markdown(render.tag_change_html(tokens, tags, new_tags), unsafe_allow_html=True)
+
+
+def undo_redo_buttons(project_dir: Path) -> None:
+    """Show the undo and redo buttons of the edit history."""
+    columns = st.columns(2)
+    if columns[0].button("Undo last edit", key="explain_undo"):
+        edit = common.edit_store(project_dir).undo()
+        report_and_rerun("Nothing to undo." if edit is None else f"Undid edit {edit.id}.")
+    if columns[1].button("Redo", key="explain_redo"):
+        edit = common.edit_store(project_dir).redo()
+        report_and_rerun("Nothing to redo." if edit is None else f"Redid edit {edit.id}.")
+
+
+def report_and_rerun(message: str) -> None:
+    """Rerun the page so every view shows the changed tags, and show ``message`` after the rerun."""
+    st.session_state["explain_relabel_message"] = message
+    st.rerun()
+
+
+def relabel_panel(project: Any, project_dir: Path, items: pd.DataFrame, *, origin: dict) -> None:
+    """Show the relabel form for the training items of an explanation.
+
+    Parameters
+    ----------
+    items : DataFrame
+        The shown training items (columns sentence, start, end, tokens, gold,
+        role, rank), all from the train split, in the order shown.
+    origin : dict
+        The explanation the items come from, stored with each edit.
+    """
+    st.subheader("Relabel a training item")
+    message = st.session_state.pop("explain_relabel_message", None)
+    if message:
+        st.success(message)
+    if items.empty:
+        st.caption("No training items to relabel.")
+        return
+    try:
+        position = st.selectbox("Item to relabel", range(len(items)), format_func=lambda i: item_caption(items, i), key="explain_relabel_item")
+        row = items.iloc[position]
+        sentence = int(row["sentence"])
+        tokens, _file_tags = common.sentence_tokens_tags(project, "train", sentence)
+        tags = common.current_tags(project, project_dir, "train", sentence)
+        start, end = choose_range(len(tokens), row)
+        label = st.selectbox("New label", [OUTSIDE, *common.entity_types(project)], key="explain_relabel_label")
+        if not start < end:
+            st.warning(f"expected the first word before the end word, got [{start}, {end})")
+            return
+        store = common.edit_store(project_dir)
+        changes = store.preview(tags, start, end, label)
+        show_preview(tokens, tags, changes)
+        note = st.text_input("Note (optional)", key="explain_relabel_note")
+        if st.button("Save relabel", type="primary", disabled=not changes, key="explain_relabel_save"):
+            edit = store.relabel("train", sentence, start, end, label, current_tags=tags, note=note, origin=origin, doc=_doc(row))
+            report_and_rerun(f"Saved edit {edit.id}: train sentence {sentence} [{start}, {end}) is now {label}.")
+        undo_redo_buttons(project_dir)
+    except SegfluError as error:
+        common.show_error(error)
+
+
+def _doc(row: pd.Series) -> str | None:
+    doc = row.get("doc")
+    return None if doc is None or pd.isna(doc) or str(doc) == "" else str(doc)
 
 
 def main() -> None:
@@ -287,9 +426,9 @@ def main() -> None:
     frame = compute_explanation(project, project_dir, query, options)
     if frame is None:
         st.stop()
-    show_results(project, project_dir, frame)
+    shown = show_results(project, project_dir, frame)
     origin = {key: query[key] for key in ("split", "sentence", "start", "end")} | {"method": options["method"]}
-    relabel.relabel_panel(project, project_dir, frame, origin=origin)
+    relabel_panel(project, project_dir, shown, origin=origin)
 
 
 if __name__ == "__main__":

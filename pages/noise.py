@@ -15,7 +15,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from pages import common
+import pages as common
 from segflu_core.errors import SegfluError
 from segflu_core.influence.noise import AGGREGATES, METHODS, VALIDATION_METHODS
 

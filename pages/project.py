@@ -12,7 +12,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from pages import common
+import pages as common
 from segflu_core.errors import ProjectError, SegfluError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from pages import common
+import pages as common
 from segflu_core import render
 from segflu_core.edits import Edit
 from segflu_core.errors import SegfluError

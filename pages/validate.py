@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages import common
+import pages as common
 
 st.title("Validate")
 project, project_dir = common.require_project()

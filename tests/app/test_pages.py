@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from pages.common import safe_child
+from pages import safe_child
 from segflu_core.edits import EditStore
 from segflu_core.errors import UnsafePathError
 from segflu_core.project import Project
@@ -168,7 +168,8 @@ def test_relabel_saves_and_undoes(project_copy):
     at = explain_at(open_app(project_copy), target)
     project = Project.load(project_copy)
     frame = project.explain(target["split"], target["sentence"], target["start"], target["end"], labels=target["labels"])
-    item = frame.iloc[0]
+    # The first item offered is the strongest supporting one, the most negative score.
+    item = frame[frame["role"] == "supporting"].sort_values("score", kind="stable").iloc[0]
     tags = list(project.sentence("train", int(item["sentence"])).tags)
     new_label = "LOC" if item["gold"].endswith("ORG") else "ORG"
 

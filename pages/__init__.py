@@ -1,7 +1,8 @@
 """Session state, cached loaders and checks that the pages of the app share.
 
-``app.py`` lists the pages with ``st.navigation``, so this module is imported
-by the pages and never shown as a page itself.
+The helpers live in the package's ``__init__.py`` because Streamlit lists
+every other ``pages/*.py`` file as a page when it finds a ``pages`` folder
+beside the main script, before ``app.py`` has called ``st.navigation``.
 """
 
 from __future__ import annotations
