@@ -268,3 +268,37 @@ def test_safe_child_rejects_symlink_escape(tmp_path):
 
     with pytest.raises(UnsafePathError):
         safe_child(base, "link/project")
+
+
+def test_validate_page_without_results(tiny_project):
+    at = open_app(tiny_project, "pages/validate.py")
+
+    assert not at.exception
+    assert any("segflu validate" in element.value for element in at.info)
+
+
+def test_validate_page_shows_results(project_copy):
+    folder = project_copy / "validation"
+    folder.mkdir()
+    pairs = "test_sentence,test_start,train_sentence,train_start,predicted,actual\n0,1,2,3,0.5,0.4\n1,0,4,1,-0.2,-0.1\n"
+    (folder / "pairs.csv").write_text(pairs)
+    (folder / "summary.json").write_text(json.dumps({"pearson": 0.987654, "spearman": 1.0, "sign_agreement": 1.0, "n": 2}))
+
+    at = open_app(project_copy, "pages/validate.py")
+
+    assert not at.exception
+    metrics = {element.label: element.value for element in at.metric}
+    assert metrics == {"Pearson r": "0.988", "Spearman ρ": "1.000", "sign agreement": "1.000", "pairs": "2"}
+    table = at.dataframe[0].value
+    assert list(table["predicted"]) == [0.5, -0.2]
+    assert list(table["actual"]) == [0.4, -0.1]
+
+
+def test_validate_page_rejects_escaping_folder(tiny_project):
+    at = open_app(tiny_project)
+    at.switch_page("pages/validate.py").run()
+
+    at.text_input(key="validate_folder").input("../..").run()
+
+    assert not at.exception
+    assert any("outside the folder" in element.value for element in at.error)
