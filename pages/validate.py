@@ -1,10 +1,10 @@
 """Validate page: approximate influence against exact retraining, as written by ``segflu validate``.
 
-``segflu validate PROJECT`` writes ``pairs.csv`` (one row per test word and
+``segflu validate PROJECT`` writes its results into ``PROJECT/validation``,
+or the folder that ``--out`` names. ``pairs.csv`` has one row per test word and
 removed training word, with the ``predicted`` and ``actual`` change of the
-test loss), ``summary.json`` (Pearson and Spearman correlation, sign
-agreement, number of pairs) and ``scatter.png`` into ``PROJECT/validation``
-unless ``--out`` names another folder.
+test loss. ``summary.json`` has the Pearson and Spearman correlations, the
+sign agreement and the number of pairs, and ``scatter.png`` plots the pairs.
 """
 
 from __future__ import annotations
