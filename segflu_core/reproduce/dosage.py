@@ -4,10 +4,10 @@ Protocol of Jain et al. (2022), section 6.3 and Tables 3 and 4. A tagger of
 intervention spans trains on the crowd-labelled EBM-NLP abstracts and is
 tested on the expert-labelled ones. Crowd workers sometimes put a dosage
 (``20 mg``) inside the intervention span and sometimes not; the experts never
-do. For every test dosage that the tagger labels as intervention although
-the expert left it out, each method's top supporting and top opposing
-training items are checked: the supporting item should exclude a dosage from
-an intervention span and the opposing item should include one.
+do. The queries are the test dosages that the tagger labels as intervention
+although the expert left them out. For each query, the top supporting
+training item of each method should exclude a dosage from an intervention
+span, and the top opposing item should include one.
 
 Data handling:
 
@@ -217,11 +217,13 @@ def run(settings: RunSettings) -> dict:
     project = train_and_index(settings, NAME, splits)
     train = project.sentences("train")
     test = project.sentences("test")
+
     queries = mispredicted_dosages(test, project.predicted_tags("test"))
     queries_mispredicted = bool(queries)
     if not queries and settings.quick:
         # The quick model may predict no intervention at all; every gold-O dosage then keeps the pipeline covered.
         queries = mispredicted_dosages(test, [["B-INT"] * len(s.tokens) for s in test])
+
     records = []
     for query in queries:
         record = {"sentence": query[0], "start": query[1], "end": query[2], "text": " ".join(test[query[0]].tokens[query[1]:query[2]])}
@@ -230,6 +232,7 @@ def run(settings: RunSettings) -> dict:
             record.update({f"{column}_{key}": value for key, value in verdict.items()})
         records.append(record)
     table = pd.DataFrame.from_records(records)
+
     figures = {
         "test_dosages": sum(len(dosage_spans(s.tokens)) for s in test),
         "mispredicted_dosages": len(queries) if queries_mispredicted else 0,
