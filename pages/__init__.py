@@ -61,6 +61,13 @@ def require_project() -> tuple[Any, Path]:
     return project, Path(path)
 
 
+def require_index(project_dir: Path) -> None:
+    """Stop the page with a warning when the project's influence index has not been built."""
+    if not (project_dir / "index" / "manifest.json").is_file():
+        st.warning(f"The influence index of {project_dir} has not been built. Run `segflu index {project_dir}`, then reload this page.")
+        st.stop()
+
+
 def safe_child(base: str | os.PathLike, name: str) -> Path:
     """Return ``base / name`` resolved, and check that it lies inside ``base``.
 

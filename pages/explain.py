@@ -154,7 +154,17 @@ def query_from_data(project: Any, project_dir: Any) -> dict | None:
     """Show a dev, test or train sentence and return the chosen entity to explain."""
     columns = st.columns([1, 1, 3])
     split = columns[0].selectbox("Split", SPLITS, key="explain_split")
-    sentence = int(columns[1].number_input("Sentence", min_value=0, step=1, key="explain_sentence"))
+    try:
+        count = len(project.sentences(split))
+    except (SegfluError, ValueError) as error:
+        st.error(f"the {split} split cannot be read: {error}")
+        return None
+    if count == 0:
+        st.warning(f"The {split} split has no sentences.")
+        return None
+    if st.session_state.get("explain_sentence", 0) >= count:
+        st.session_state["explain_sentence"] = count - 1
+    sentence = int(columns[1].number_input(f"Sentence (0 to {count - 1})", min_value=0, max_value=count - 1, step=1, key="explain_sentence"))
     try:
         tokens, _file_tags = common.sentence_tokens_tags(project, split, sentence)
         gold_tags = common.current_tags(project, project_dir, split, sentence)
@@ -410,6 +420,7 @@ def _doc(row: pd.Series) -> str | None:
 def main() -> None:
     st.title("Explain")
     project, project_dir = common.require_project()
+    common.require_index(project_dir)
     apply_target()
     source = st.radio(
         "Sentence from",

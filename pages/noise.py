@@ -123,6 +123,7 @@ def show_curve(project: Any, ranking: pd.DataFrame) -> None:
 def main() -> None:
     st.title("Noise")
     project, project_dir = common.require_project()
+    common.require_index(project_dir)
     columns = st.columns(2)
     method = columns[0].selectbox("Method", METHODS, format_func=METHOD_CAPTIONS.get, key="noise_method")
     aggregate = columns[1].radio("Document score", AGGREGATES, horizontal=True, format_func=lambda x: f"{x} over its items", key="noise_aggregate")

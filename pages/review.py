@@ -93,8 +93,13 @@ def show_summary(project_dir: Path, split: str) -> None:
         st.caption(f"{len(summary.changes) - MAX_SHOWN_CHANGES} more changed sentences are not shown.")
 
 
-def export_bytes(project_dir: Path, split: str, out_format: str) -> tuple[bytes, str]:
-    """Export the corrected split into a temporary folder and return the file's bytes and name."""
+@st.cache_data(show_spinner="Exporting ...", max_entries=8)
+def export_bytes(project_dir: Path, split: str, out_format: str, edits_state: tuple) -> tuple[bytes, str]:
+    """Export the corrected split into a temporary folder and return the file's bytes and name.
+
+    ``edits_state`` lists ``(id, undone)`` of every edit of the split; it
+    keys the cache, so the file is exported again whenever an edit changes.
+    """
     file_name = f"{split}.corrected{FILE_SUFFIXES[out_format]}"
     with tempfile.TemporaryDirectory(prefix="segflu-export-") as folder:
         summary = export_corrected(project_dir, Path(folder) / file_name, split=split, format=out_format, allowed_dirs=[folder])
@@ -104,7 +109,8 @@ def export_bytes(project_dir: Path, split: str, out_format: str) -> tuple[bytes,
 def show_download(project_dir: Path, split: str) -> None:
     """Show the format choice and the download button of the corrected file."""
     out_format = st.radio("Format", EXPORT_FORMATS, horizontal=True, key="review_format")
-    data, file_name = export_bytes(project_dir, split, out_format)
+    edits_state = tuple((edit.id, edit.undone) for edit in common.edit_store(project_dir).edits(split=split, include_undone=True))
+    data, file_name = export_bytes(project_dir, split, out_format, edits_state)
     st.download_button(
         f"Download {file_name}",
         data=data,

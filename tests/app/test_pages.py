@@ -302,3 +302,14 @@ def test_validate_page_rejects_escaping_folder(tiny_project):
 
     assert not at.exception
     assert any("outside the folder" in element.value for element in at.error)
+
+
+def test_pages_need_built_index(project_copy):
+    import shutil
+
+    shutil.rmtree(project_copy / "index")
+    for page in ("pages/explain.py", "pages/noise.py"):
+        at = open_app(project_copy, page)
+
+        assert not at.exception, page
+        assert any("segflu index" in element.value for element in at.warning), page
