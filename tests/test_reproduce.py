@@ -133,6 +133,7 @@ def check_noise_result(result: dict, tmp_path, experiment: str, kinds: tuple[str
         for method in methods:
             recall = result["recall"][kind][method]
             assert 0.0 <= recall["at_50"] <= recall["at_100"] <= recall["at_200"] <= 1.0
+            assert 0.0 < recall["area"] <= 1.0
     curves = pd.read_csv(tmp_path / "out" / f"{experiment}_curves.csv")
     for (kind, method), curve in curves.groupby(["noise", "method"]):
         found = curve.sort_values("documents")["found"].to_numpy()

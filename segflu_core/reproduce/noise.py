@@ -118,7 +118,7 @@ def cleanlab_scores(project) -> np.ndarray:
 
 
 def curves_and_recall(scores: dict[str, np.ndarray], truth: dict[str, np.ndarray], rng) -> tuple[pd.DataFrame, dict]:
-    """Build the fraction-found curves of every method and noise kind, and the recall at 50, 100 and 200 documents."""
+    """Build the fraction-found curves of every method and noise kind, the recall at 50, 100 and 200 documents and the area under each curve."""
     frames, recall = [], {}
     for kind, is_bad in truth.items():
         recall[kind] = {}
@@ -126,6 +126,9 @@ def curves_and_recall(scores: dict[str, np.ndarray], truth: dict[str, np.ndarray
             curve = found_fraction_curve(is_bad[ranking_order(values, rng)])
             frames.append(pd.DataFrame({"noise": kind, "method": label, "documents": np.arange(1, len(curve) + 1), "found": curve}))
             recall[kind][label] = {f"at_{k}": float(curve[min(k, len(curve)) - 1]) for k in RECALL_AT}
+            # The mean of the curve is the area under it per document: higher when bad documents rank
+            # earlier, about 0.5 for a random order.
+            recall[kind][label]["area"] = float(curve.mean())
     return pd.concat(frames, ignore_index=True), recall
 
 
