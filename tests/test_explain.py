@@ -295,3 +295,49 @@ def test_errors_frame_matches_predictions(indexed_project):
     for row in errors.itertuples():
         gold = indexed_project.sentence("test", row.sentence).tags
         assert gold[row.start : row.end] != predicted[row.sentence][row.start : row.end]
+
+
+def insert_artifact(sentences, rng, share: float):
+    """Insert ``special`` before a filler word in a share of sentences and relabel that word B-PER."""
+    from tests.synthetic import FILLER
+
+    changed = []
+    for tokens, tags in sentences:
+        positions = [i for i, (token, tag) in enumerate(zip(tokens, tags)) if tag == "O" and token in FILLER]
+        if positions and rng.random() < share:
+            position = positions[0]
+            tokens = tokens[:position] + ["special"] + tokens[position:]
+            tags = tags[:position] + ["O", "B-PER"] + tags[position + 1 :]
+        changed.append((tokens, tags))
+    return changed
+
+
+def test_artifact_found_by_top_supporting_word(tiny_encoder, tmp_path):
+    import random
+
+    from tests.synthetic import make_corpus, write_conll
+
+    folder = write_tiny_project(tmp_path / "artifact", tiny_encoder, train=5)
+    rng = random.Random(0)
+    write_conll(folder / "data" / "train.conll", insert_artifact(make_corpus(200, seed=11), rng, 0.1), docstart_every=10)
+    test_sentences = insert_artifact(make_corpus(40, seed=12), rng, 1.0)
+    write_conll(folder / "data" / "test.conll", test_sentences, docstart_every=10)
+    project = Project.load(folder, device="cpu")
+    # Refitting the head on the frozen features is the training here: L-BFGS reaches the optimum of the head.
+    build_index(project, refit_head=True, l2=1e-2, tolerance=1e-4, progress=False)
+
+    train = project.sentences("train")
+    follows_special = {(s, t) for s, sentence in enumerate(train) for t in range(1, len(sentence.tokens))
+                       if sentence.tokens[t - 1] == "special"}
+    assert 0.05 * len(train) <= len(follows_special) <= 0.15 * len(train)
+    hits, queries = 0, 0
+    for number, sentence in enumerate(project.sentences("test")):
+        if "special" not in sentence.tokens:
+            continue
+        position = sentence.tokens.index("special") + 1
+        rows = project.explain("test", number, position, position + 1, top_k=1)
+        top = rows[rows.role == "supporting"].iloc[0]
+        hits += (top.sentence, top.start) in follows_special
+        queries += 1
+    assert queries >= 30
+    assert hits / queries >= 0.95

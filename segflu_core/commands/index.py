@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"sentences held in memory at once (default: {DEFAULT_CHUNK_SENTENCES})")
     parser.add_argument("--l2", type=float, default=1e-4,
                         help="L2 penalty weight of the head objective for --refit-head and --hessian (default: 1e-4)")
+    parser.add_argument("--tolerance", type=float, default=1e-6,
+                        help="--refit-head stops once the largest absolute gradient entry is at most this (default: 1e-6)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         chunk_sentences=args.chunk_sentences,
         l2=args.l2,
+        tolerance=args.tolerance,
     )
     words = project.index.manifest["splits"]["train"]["words"]
     print(f"wrote {folder} ({words} training words) in {time.perf_counter() - started:.1f} s")

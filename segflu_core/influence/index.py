@@ -462,12 +462,12 @@ def training_features(features: np.ndarray, offsets: np.ndarray) -> list[np.ndar
     return [np.asarray(features[offsets[i] : offsets[i + 1]], dtype=np.float64) for i in range(len(offsets) - 1)]
 
 
-def refit(params: HeadParams, features: np.ndarray, offsets: np.ndarray, gold, *, l2: float) -> tuple[HeadParams, dict]:
+def refit(params: HeadParams, features: np.ndarray, offsets: np.ndarray, gold, *, l2: float, tolerance: float) -> tuple[HeadParams, dict]:
     """Refit the head on the frozen training features; needs all of them in memory as float64."""
     from segflu_core.influence.head import refit_head
 
     logger.info("refitting the head on %d training sentences (l2=%g)", len(gold), l2)
-    params, info = refit_head(params, training_features(features, offsets), gold, l2=l2)
+    params, info = refit_head(params, training_features(features, offsets), gold, l2=l2, tolerance=tolerance)
     logger.info("refit finished after %d iterations, max |gradient| %.3g", info["iterations"], info["max_abs_gradient"])
     return params, info
 
@@ -498,6 +498,7 @@ def build_index(
     batch_size: int = 32,
     chunk_sentences: int = DEFAULT_CHUNK_SENTENCES,
     l2: float = 1e-4,
+    tolerance: float = 1e-6,
     progress: bool = True,
 ) -> Path:
     """Build ``PROJECT/index`` from the project's tagger and corpora.
@@ -517,6 +518,8 @@ def build_index(
         Sentences per chunk of the feature and head passes; bounds memory.
     l2 : float
         Weight ``λ`` of the ``(λ/2)‖θ‖²`` penalty for refitting and the Hessian.
+    tolerance : float
+        Refitting stops once ``max|∇J| ≤ tolerance``.
 
     Returns
     -------
@@ -532,9 +535,11 @@ def build_index(
     building.mkdir()
     try:
         manifest = _build_into(project, building, refit_head=refit_head, hessian=hessian, batch_size=batch_size,
-                               chunk_sentences=chunk_sentences, l2=l2, progress=progress)
+                               chunk_sentences=chunk_sentences, l2=l2, tolerance=tolerance, progress=progress)
         (building / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         replace_folder(building, final)
+        if hasattr(project, "reload_index"):
+            project.reload_index()
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -542,7 +547,7 @@ def build_index(
     return final
 
 
-def _build_into(project, folder: Path, *, refit_head, hessian, batch_size, chunk_sentences, l2, progress) -> dict:
+def _build_into(project, folder: Path, *, refit_head, hessian, batch_size, chunk_sentences, l2, tolerance, progress) -> dict:
     tagger = project.tagger
     labels = list(tagger.labels)
     writer = ArrayWriter(folder)
@@ -561,7 +566,7 @@ def _build_into(project, folder: Path, *, refit_head, hessian, batch_size, chunk
     params = HeadParams.from_tagger(tagger)
     refit_info = None
     if refit_head:
-        params, refit_info = refit(params, features["train"], writer.offsets["train"], gold["train"], l2=l2)
+        params, refit_info = refit(params, features["train"], writer.offsets["train"], gold["train"], l2=l2, tolerance=tolerance)
     save_head(writer, params)
 
     train_tags = [list(sentence.tags) for sentence in project.sentences("train")]
