@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -147,15 +149,34 @@ def validate_upload(path: Path, display_name: str) -> bool:
     return False
 
 
-class StatusLogHandler(logging.Handler):
-    """Write the core's log messages into an ``st.status`` box while a long step runs."""
+# Share of the progress bar that training takes; indexing takes the rest.
+TRAINING_SHARE = 0.7
+# segflu_core.training logs one "epoch I/N: ..." message per finished epoch.
+EPOCH_MESSAGE = re.compile(r"^epoch (\d+)/(\d+)")
 
-    def __init__(self, status: Any):
+
+class StatusLogHandler(logging.Handler):
+    """Write the core's log messages into an ``st.status`` box and advance the progress bar per epoch.
+
+    Only records logged by the thread that created the handler are shown, so
+    a run in another browser session does not write into this box.
+    """
+
+    def __init__(self, status: Any, progress: Any):
         super().__init__(level=logging.INFO)
         self.status = status
+        self.progress = progress
+        self.thread_id = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.status.write(self.format(record))
+        if record.thread != self.thread_id:
+            return
+        message = record.getMessage()
+        self.status.write(message)
+        epoch = EPOCH_MESSAGE.match(message)
+        if epoch:
+            done, total = int(epoch.group(1)), int(epoch.group(2))
+            self.progress.progress(TRAINING_SHARE * done / total, text=f"Training the tagger: epoch {done} of {total} done ...")
 
 
 def train_and_index(project_dir: Path, data: dict[str, Path], *, encoder: str | None, freeze_encoder: bool, epochs: int) -> None:
@@ -165,7 +186,7 @@ def train_and_index(project_dir: Path, data: dict[str, Path], *, encoder: str | 
 
     progress = st.progress(0.0, text="Training the tagger ...")
     with st.status("Training and indexing", expanded=True) as status:
-        handler = StatusLogHandler(status)
+        handler = StatusLogHandler(status, progress)
         core_logger = logging.getLogger("segflu_core")
         core_logger.addHandler(handler)
         previous_level = core_logger.level
@@ -173,7 +194,7 @@ def train_and_index(project_dir: Path, data: dict[str, Path], *, encoder: str | 
         try:
             config = TrainConfig(freeze_encoder=True) if freeze_encoder else TrainConfig(epochs=epochs)
             train_project(data["train"], data["dev"], data["test"], project_dir, encoder=encoder, config=config, progress=False)
-            progress.progress(0.7, text="Building the influence index ...")
+            progress.progress(TRAINING_SHARE, text="Building the influence index ...")
             build_index(project_dir, progress=False)
             progress.progress(1.0, text="Done.")
             status.update(label="Training and indexing finished", state="complete")

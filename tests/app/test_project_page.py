@@ -50,6 +50,36 @@ def test_create_project_trains_and_indexes(tmp_path, tiny_encoder):
     assert len(at.dataframe) == 2
 
 
+def test_status_handler_advances_per_epoch():
+    import logging
+
+    from pages.project import TRAINING_SHARE, StatusLogHandler
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def write(self, message):
+            self.calls.append(message)
+
+        def progress(self, value, text):
+            self.calls.append((value, text))
+
+    status, progress = Recorder(), Recorder()
+    handler = StatusLogHandler(status, progress)
+    logger = logging.getLogger("segflu_core.training")
+    logger.addHandler(handler)
+    try:
+        logger.warning("epoch 1/4: loss 2.0")
+        logger.warning("kept the epoch with dev F1 0.5")
+    finally:
+        logger.removeHandler(handler)
+
+    assert status.calls == ["epoch 1/4: loss 2.0", "kept the epoch with dev F1 0.5"]
+    assert len(progress.calls) == 1
+    assert progress.calls[0][0] == TRAINING_SHARE / 4
+
+
 def test_create_project_reports_bad_lines(tmp_path, tiny_encoder):
     corpus = make_corpus(6, seed=8)
     good = conll_bytes(tmp_path, "good.conll", corpus)
