@@ -236,7 +236,7 @@ class Project:
             Columns ``sentence, doc, start, end, tokens, gold, score, role,
             conflict``. Influence methods return up to ``top_k`` supporting
             (negative score) and ``top_k`` opposing rows, sorted by ascending
-            score; nearest-neighbour methods return ``top_k`` rows with role
+            score. Nearest-neighbour methods return ``top_k`` rows with role
             ``"neighbour"`` and the similarity as score, sorted descending.
 
         Raises
@@ -300,12 +300,14 @@ class Project:
         -------
         pandas.DataFrame
             Columns ``sentence, start, end, gold_type, predicted_type, text,
-            kind``, with ``kind`` one of ``"missed"`` (no predicted span
-            overlaps the gold span), ``"spurious"`` (no gold span overlaps the
-            predicted span), ``"wrong type"`` (same bounds, other type) and
-            ``"wrong boundary"`` (overlapping spans with other bounds; the type
-            may differ too). ``start`` and ``end`` are the predicted span's
-            bounds, except for missed entities.
+            kind``. ``kind`` is one of:
+
+            - ``"missed"``: no predicted span overlaps the gold span.
+            - ``"spurious"``: no gold span overlaps the predicted span.
+            - ``"wrong type"``: same bounds, other type.
+            - ``"wrong boundary"``: overlapping spans with other bounds, whose type may differ too.
+
+            ``start`` and ``end`` are the predicted span's bounds, except for missed entities.
         """
         records = []
         for number, (sentence, predicted) in enumerate(zip(self.sentences(split), self.predicted_tags(split))):

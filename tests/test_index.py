@@ -236,3 +236,20 @@ def test_data_path_outside_project_rejected(tiny_encoder, tmp_path):
     (folder / "project.json").write_text(json.dumps(config))
     with pytest.raises(UnsafePathError, match="outside the project folder"):
         Project.load(folder)
+
+
+def test_label_indices_reject_unknown_and_empty():
+    from segflu_core.errors import ProjectError
+
+    assert index_module.label_indices([["O", "B-PER"]], LABELS, split="train")[0].tolist() == [0, LABELS.index("B-PER")]
+    with pytest.raises(ProjectError, match="B-DATE"):
+        index_module.label_indices([["O"], ["B-DATE"]], LABELS, split="train")
+    with pytest.raises(ProjectError, match="no tokens"):
+        index_module.label_indices([[]], LABELS, split="dev")
+
+
+def test_gold_spans_cover_every_word():
+    tags = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "I-ORG", "I-ORG"]]
+    spans = index_module.gold_spans(tags)
+    bounds = list(zip(spans.sentence.tolist(), spans.start.tolist(), spans.end.tolist()))
+    assert bounds == [(0, 0, 2), (0, 2, 3), (0, 3, 4), (1, 0, 1), (1, 1, 3)]

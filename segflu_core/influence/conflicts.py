@@ -5,8 +5,8 @@ itself, an entity span by its text and mean feature, a sentence by each of its
 words. Two units are similar when their lowercased text is equal or the cosine
 similarity of their features is at least :data:`COSINE_THRESHOLD`. An item is
 in conflict when one of its units is similar to a unit of an item on the other
-side (a supporting item against an opposing one) and the two gold label types
-differ (``PER`` against ``LOC``, or ``O`` against ``PER``). Such pairs point at
+side, a supporting item against an opposing one, and the two units' gold label
+types differ. ``PER`` against ``LOC`` differ, and so do ``O`` and ``PER``. Such pairs point at
 inconsistent annotation: the same or a near-identical word was labelled two
 ways and pulls the prediction in opposite directions. Nearest-neighbour
 results have no sides, so there every other returned item counts.

@@ -1,10 +1,10 @@
 """Build and load the influence index of a project.
 
-The index stores, for every word of every split, what a segment influence
-query needs without running the encoder again: word features, residuals of
-the word's own conditional loss, of its gold span's and of its sentence's
-loss, gold labels and their neighbours, and the explicit transition, start
-and end gradients of every training span and sentence. Every array is a
+The index stores what a segment influence query needs, so queries never run
+the encoder. Per word it stores the features, the gold label and its
+neighbours, and the residuals of three losses: the word's own conditional
+loss, its gold span's loss and its sentence's loss. Per training span and
+sentence it stores the explicit transition, start and end gradients. Every array is a
 plain ``.npy`` file that numpy can memory-map; ``docs/index-format.md``
 describes each one.
 
@@ -85,10 +85,18 @@ def gold_spans(tag_lists: list[list[str]]) -> GoldSpans:
 
 
 def label_indices(tag_lists: list[list[str]], labels: list[str], *, split: str) -> list[np.ndarray]:
-    """Convert IOB2 tags to label indices, raising ``ProjectError`` on a tag the model does not know."""
+    """Convert IOB2 tags to label indices.
+
+    Raises
+    ------
+    ProjectError
+        On an empty sentence or a tag that is not one of the model's labels.
+    """
     lookup = {label: i for i, label in enumerate(labels)}
     result = []
     for i, tags in enumerate(tag_lists):
+        if not tags:
+            raise ProjectError(f"{split} sentence {i} has no tokens; remove the empty sentence from the data file")
         unknown = [tag for tag in tags if tag not in lookup]
         if unknown:
             raise ProjectError(
@@ -212,7 +220,7 @@ def single_word_span_terms(batch: Batch, rows: np.ndarray, positions: np.ndarray
     """Compute the gradients of one-word spans, whose conditional is the word's own conditional.
 
     ``∇_A = onehot(y_{t-1}) r_tᵀ + r_t onehot(y_{t+1})ᵀ``, where a term exists
-    only when the neighbour does; the start (end) gradient is ``r_t`` for the
+    only when the neighbour does. The start (end) gradient is ``r_t`` for the
     first (last) word of a sentence and zero otherwise.
     """
     conditional = crf.word_conditional(batch.emissions, batch.tags, batch.mask, *batch.head)

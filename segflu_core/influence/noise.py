@@ -2,7 +2,7 @@
 
 Each method gives every training word or sentence a score (higher means more
 suspicious) and a document's score is the maximum or mean over its words or
-sentences. Loss, entropy and gradient-norm methods read only the index; the
+sentences. Loss, entropy and gradient-norm methods read only the index. The
 influence and nearest-neighbour methods compare the training words with a
 few validation documents whose labels are known to be clean.
 """
