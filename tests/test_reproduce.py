@@ -253,3 +253,11 @@ def test_f1_test_split_is_iob2(tmp_path):
     assert any(tag.startswith("B-") for tag in test_tags)
     for sentence in splits["test"]:
         assert find_tag_problems(sentence.tags, "iob2") == []
+
+
+def test_best_methods_break_ties_by_area():
+    from segflu_core.reproduce.noise import best_methods
+
+    recall = {"kind": {"random": {"at_100": 1.0, "area": 0.5}, "nn-max": {"at_100": 1.0, "area": 0.8},
+                       "entropy-max": {"at_100": 0.9, "area": 0.95}}}
+    assert best_methods(recall) == {"kind": "nn-max"}
