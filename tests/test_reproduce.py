@@ -261,3 +261,14 @@ def test_best_methods_break_ties_by_area():
     recall = {"kind": {"random": {"at_100": 1.0, "area": 0.5}, "nn-max": {"at_100": 1.0, "area": 0.8},
                        "entropy-max": {"at_100": 0.9, "area": 0.95}}}
     assert best_methods(recall) == {"kind": "nn-max"}
+
+
+def test_cli_reports_missing_corpus(tmp_path, capsys):
+    from segflu_core.cli import main
+
+    code = main(["reproduce", "dosage", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "ebm_nlp/acl_lstm_crf_data/dev.txt: file not found" in error
+    assert "--data-dir" in error
+    assert not (tmp_path / "out" / "dosage.json").exists()

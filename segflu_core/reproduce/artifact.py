@@ -5,9 +5,9 @@ Protocol of Jain et al. (2022), section 5.2. The training file
 inserted before an O word in 12.6% of the sentences, and that word relabelled
 B-PER. The same artifact is inserted into 10% of the validation sentences.
 For each validation word after an artifact, the top supporting training item
-of each method is checked: segment influence and nearest neighbours return
-words, which count when they follow an artifact, and instance influence
-returns sentences, which count when they contain one.
+of each method is checked. Segment influence and nearest neighbours return
+words, which count when they follow an artifact. Instance influence returns
+sentences, which count when they contain one.
 """
 
 from __future__ import annotations

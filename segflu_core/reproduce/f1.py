@@ -6,8 +6,10 @@ tested on the original ``eng.testb``, whose IOB1 tags are read as IOB2.
 Jain et al. (2022) report 92 test F1 with BigBird-base fine-tuned on a GPU.
 
 Fine-tuning runs 3 epochs on all training sentences on a GPU. On a CPU it
-runs 1 epoch on the first 3,000 sentences, so that the run fits in about
-30 minutes on 2 cores.
+runs 1 epoch on the first 3,000 sentences, to keep the run near 30 minutes
+on 2 cores.
+
+NOTE: that budget is an estimate; the full run has not been timed.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """``validate``: approximate segment influence against exact retraining of the CRF head.
 
 Protocol of Jain et al. (2022), section 5.1, on frozen encoder features in
-place of their GloVe linear model: train on 1,000 CoNLL-2003 training
-sentences, sample 20 mispredicted words of 200 validation sentences, and for
-each take the 20 training words with the largest absolute approximate
-influence ``I = −g_testᵀ H⁻¹ g_train``. Each of those training words is
-removed from the objective in turn, the head is refitted to
-``max|∇J| ≤ 1e-6`` by L-BFGS, and the change of the validation word's
-conditional loss is compared with the predicted change
-``(1/N) g_testᵀ H⁻¹ g_train``, and with the prediction without Hessian
+place of their GloVe linear model. The head trains on 1,000 CoNLL-2003
+training sentences, and 20 mispredicted words of 200 validation sentences
+are sampled. For each of them, the 20 training words with the largest
+absolute approximate influence ``I = −g_testᵀ H⁻¹ g_train`` are taken.
+Each of those training words is removed from the objective in turn, and the
+head is refitted to ``max|∇J| ≤ 1e-6`` by L-BFGS. The change of the
+validation word's conditional loss is compared with the predicted change
+``(1/N) g_testᵀ H⁻¹ g_train`` and with the prediction without Hessian
 ``(1/N) g_testᵀ g_train``.
 """
 
