@@ -200,7 +200,7 @@ def query_from_text(project: Any, project_dir: Any) -> dict | None:
     tokens = tokenize(text)
     try:
         predicted_tags = predict_tags(str(project_dir), tuple(tokens), project)
-    except SegfluError as error:
+    except (SegfluError, ValueError) as error:
         common.show_error(error)
         return None
     predicted = common.spans_of(predicted_tags)
@@ -217,7 +217,7 @@ def compute_explanation(project: Any, project_dir: Any, query: dict, options: di
         if query["split"] is None:
             return explain_text(str(project_dir), tuple(query["tokens"]), query["start"], query["end"], options, project)
         return explain_sentence(str(project_dir), query["split"], query["sentence"], query["start"], query["end"], options, project)
-    except SegfluError as error:
+    except (SegfluError, ValueError) as error:
         common.show_error(error)
         return None
 
@@ -448,9 +448,9 @@ def main() -> None:
     frame = compute_explanation(project, project_dir, query, options)
     if frame is None:
         st.stop()
-    shown = show_results(project, project_dir, frame)
+    shown_items = show_results(project, project_dir, frame)
     origin = {key: query[key] for key in ("split", "sentence", "start", "end")} | {"method": options["method"]}
-    relabel_panel(project, project_dir, shown, origin=origin)
+    relabel_panel(project, project_dir, shown_items, origin=origin)
 
 
 if __name__ == "__main__":

@@ -87,32 +87,25 @@ def _token_owner(num_tokens: int, spans: Sequence[SpanTuple]) -> list[int | None
     return owner
 
 
-def _entity_html(tokens: Sequence[str], start: int, end: int, label: str) -> str:
-    text = " ".join(escape(token) for token in tokens[start:end])
+FOCUS_STYLE = "outline:2px solid #dc2626;border-radius:0.3em"
+
+
+def _token_html(tokens: Sequence[str], position: int, focus: tuple[int, int] | None) -> str:
+    # An outlined token is wrapped on its own, so a focus inside an entity
+    # outlines only the focused words of that entity.
+    text = escape(tokens[position])
+    if focus is not None and focus[0] <= position < focus[1]:
+        return f'<span class="segflu-focus" style="{FOCUS_STYLE}">{text}</span>'
+    return text
+
+
+def _entity_html(tokens: Sequence[str], start: int, end: int, label: str, focus: tuple[int, int] | None) -> str:
+    text = " ".join(_token_html(tokens, position, focus) for position in range(start, end))
     return (
         f'<mark class="segflu-entity" style="background:{label_color(label)};'
         f'padding:0 0.25em;border-radius:0.3em">{text}'
         f' <sub style="font-size:0.7em;font-weight:600">{escape(label)}</sub></mark>'
     )
-
-
-def _segments(
-    tokens: Sequence[str], spans: Sequence[SpanTuple], owner: Sequence[int | None]
-) -> list[tuple[int, int, str]]:
-    # Split the sentence into runs: an entity span, or a single outside token.
-    segments = []
-    position = 0
-    while position < len(tokens):
-        index = owner[position]
-        if index is None:
-            segments.append((position, position + 1, escape(tokens[position])))
-            position += 1
-            continue
-        _start, end, label = spans[index]
-        end = min(end, len(tokens))
-        segments.append((position, end, _entity_html(tokens, position, end, label)))
-        position = end
-    return segments
 
 
 def tokens_html(
@@ -130,8 +123,8 @@ def tokens_html(
     spans : iterable
         Entity spans over ``tokens`` (see :func:`as_span_tuples`).
     focus : (int, int), optional
-        A half-open token range ``[start, end)`` to outline, such as the
-        training item or prediction under discussion.
+        A half-open token range ``[start, end)`` whose words are outlined,
+        such as the training item or prediction under discussion.
 
     Returns
     -------
@@ -141,11 +134,18 @@ def tokens_html(
     span_tuples = as_span_tuples(spans)
     owner = _token_owner(len(tokens), span_tuples)
     parts = []
-    for start, end, markup in _segments(tokens, span_tuples, owner):
-        inside_focus = focus is not None and start < focus[1] and focus[0] < end
-        if inside_focus:
-            markup = f'<span class="segflu-focus" style="outline:2px solid #dc2626;border-radius:0.3em">{markup}</span>'
-        parts.append(markup)
+    position = 0
+    # Walk the sentence in runs: an entity span, or a single outside token.
+    while position < len(tokens):
+        index = owner[position]
+        if index is None:
+            parts.append(_token_html(tokens, position, focus))
+            position += 1
+            continue
+        _start, end, label = span_tuples[index]
+        end = min(end, len(tokens))
+        parts.append(_entity_html(tokens, position, end, label, focus))
+        position = end
     return '<span class="segflu-tokens" style="line-height:2">' + " ".join(parts) + "</span>"
 
 

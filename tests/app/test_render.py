@@ -153,3 +153,13 @@ def test_sentence_rows_follow_given_layers():
     assert ">predicted<" in both
     assert ">gold<" not in predicted_only
     assert parse(predicted_only).marks == ["home LOC"]
+
+
+def test_focus_inside_entity_outlines_only_focused_words():
+    tokens = ["Hunico", "/", "match"]
+    markup = render.tokens_html(tokens, [(0, 2, "PER")], focus=(1, 2))
+
+    assert markup.count("segflu-focus") == 1
+    focused = markup.split('class="segflu-focus"', 1)[1]
+    assert focused.split("</span>", 1)[0].endswith(">/")
+    assert parse(markup).marks == ["Hunico / PER"]
