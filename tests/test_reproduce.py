@@ -241,6 +241,8 @@ def test_f1_quick(tmp_path, tiny_encoder):
     assert result["settings"]["sentences"] == {"train": 60, "dev": 20, "test": 20}
     assert result["settings"]["modes"]["frozen"]["freeze_encoder"] is True
     assert result["settings"]["modes"]["fine_tuned"]["freeze_encoder"] is False
+    assert "f1_per_type.csv" in result["files"]
+    assert "f1_per_type.png" in result["files"]
 
 
 def test_f1_test_split_is_iob2(tmp_path):

@@ -18,7 +18,10 @@ import json
 import logging
 import time
 
+import pandas as pd
+
 from segflu_core.reproduce.common import RunSettings, data_file, head_config, train_and_index, write_result
+from segflu_core.reproduce.plots import bar_chart
 
 logger = logging.getLogger(__name__)
 
@@ -68,5 +71,17 @@ def run(settings: RunSettings) -> dict:
         figures[f"{mode}_dev_f1"] = metrics["dev"]["micro"]["f1"]
         modes[mode] = {**config.to_dict(), "wall_time_s": round(time.perf_counter() - mode_started, 2),
                        "test_per_type": metrics["test"]["per_type"]}
+    table = per_type_table(modes)
+    chart = bar_chart(table, x="type", y="f1", color="mode", title="CoNLL-2003 test F1 per entity type")
     parameters = {"sentences": {split: len(sentences) for split, sentences in splits.items()}, "modes": modes}
-    return write_result(settings, NAME, figures, started=started, parameters=parameters)
+    return write_result(settings, NAME, figures, started=started, parameters=parameters,
+                        tables={"per_type": table}, charts={"per_type": chart})
+
+
+def per_type_table(modes: dict) -> pd.DataFrame:
+    """Return one row per encoder mode and entity type with test precision, recall, F1 and support."""
+    records = [
+        {"mode": mode, "type": entity_type, **scores}
+        for mode, details in modes.items() for entity_type, scores in details["test_per_type"].items()
+    ]
+    return pd.DataFrame.from_records(records, columns=["mode", "type", "precision", "recall", "f1", "support"])
