@@ -274,3 +274,62 @@ def test_cli_reports_missing_corpus(tmp_path, capsys):
     assert "ebm_nlp/acl_lstm_crf_data/dev.txt: file not found" in error
     assert "--data-dir" in error
     assert not (tmp_path / "out" / "dosage.json").exists()
+
+
+def full_settings(tmp_path, relative: str) -> RunSettings:
+    return RunSettings(data_dir=shared_data_dir(relative), out_dir=tmp_path / "out")
+
+
+def test_noise_synthetic_full_data(tmp_path):
+    from segflu_core.reproduce.noise import synthetic_data
+
+    settings = full_settings(tmp_path, "segment_influence_paper/data/conll_corrected/train_corrected_modified_docs.jsonl")
+    splits, truth, clean = synthetic_data(settings, np.random.default_rng(0))
+    assert len(splits["train"]) == 879
+    assert int(truth["org_to_loc"].sum()) == 20
+    assert int(truth["random"].sum()) == 100
+    assert not np.any(truth["org_to_loc"] & truth["random"])
+    assert len(clean) == 10
+    first_sentences = {}
+    for sentence in splits["dev"]:
+        first_sentences.setdefault(sentence.doc, sentence)
+    for doc in clean:
+        assert first_sentences[doc].tokens[0] == "SOCCER"
+
+
+def test_noise_real_full_data(tmp_path):
+    from segflu_core.reproduce.noise import real_data
+
+    settings = full_settings(tmp_path, "segment_influence_paper/data/conll_corrected/train_original.jsonl")
+    splits, truth, clean = real_data(settings, np.random.default_rng(0))
+    assert len(truth["annotation_errors"]) == 887
+    assert int(truth["annotation_errors"].sum()) == 127
+    assert len(splits["train"]) == 12528
+    assert len(clean) == 10
+
+
+def test_dosage_full_splits(tmp_path):
+    from segflu_core.reproduce.dosage import load_splits
+
+    settings = full_settings(tmp_path, "ebm_nlp/acl_lstm_crf_data/dev.txt")
+    splits, counts = load_splits(settings, np.random.default_rng(0))
+    assert counts == {"train_abstracts": 450, "dev_abstracts": 50, "test_abstracts": 191, "empty_tokens_dropped": 78}
+    assert len({sentence.doc_id for sentence in splits["test"]}) == 191
+    assert all(tag in ("O", "B-INT", "I-INT") for sentence in splits["train"] for tag in sentence.tags)
+    assert all("" not in sentence.tokens for sentence in splits["train"])
+
+
+def test_artifact_validation_share(tmp_path):
+    from segflu_core.reproduce.artifact import ARTIFACT, artifact_validation
+    from segflu_core.reproduce.common import read_paper_jsonl
+
+    path = shared_file("segment_influence_paper/data/conll_corrected/validation_corrected.jsonl")
+    validation, _ = read_paper_jsonl(path)
+    modified, queries = artifact_validation(validation, 0.1, np.random.default_rng(0))
+    assert len(modified) == len(validation) == 2775
+    assert len(queries) == round(0.1 * 2775)
+    changed = [i for i, (old, new) in enumerate(zip(validation, modified)) if old.tokens != new.tokens]
+    assert sorted(changed) == sorted(queries)
+    for index, position in queries.items():
+        assert modified[index].tokens[position - 1] == ARTIFACT
+        assert modified[index].tags[position] == "B-PER"
