@@ -313,3 +313,32 @@ def test_pages_need_built_index(project_copy):
 
         assert not at.exception, page
         assert any("segflu index" in element.value for element in at.warning), page
+
+
+def test_review_exports_each_format(project_copy):
+    import spacy
+    from spacy.tokens import DocBin
+
+    from pages.review import export_bytes
+
+    project = Project.load(project_copy)
+    # A sentence whose first word is an entity of its own, so relabelling it changes no other tag.
+    number = next(i for i, s in enumerate(project.sentences("train")) if s.tags[0] == "B-PER" and s.tags[1] == "O")
+    sentence = project.sentence("train", number)
+    EditStore(project_copy / "edits.sqlite").relabel("train", number, 0, 1, "LOC", current_tags=list(sentence.tags))
+    state = ((1, False),)
+
+    conll, conll_name = export_bytes(project_copy, "train", "conll", state)
+    jsonl, _ = export_bytes(project_copy, "train", "jsonl", state)
+    docbin, spacy_name = export_bytes(project_copy, "train", "spacy", state)
+
+    assert conll_name == "train.corrected.conll"
+    assert spacy_name == "train.corrected.spacy"
+    source_lines = (project_copy / "data" / "train.conll").read_text(encoding="utf-8").split("\n")
+    changed = [line for old, line in zip(source_lines, conll.decode("utf-8").split("\n")) if old != line]
+    assert changed == [f"{sentence.tokens[0]}\tB-LOC"]
+    records = [json.loads(line) for line in jsonl.decode("utf-8").splitlines() if line.strip()]
+    assert len(records) == len(project.sentences("train"))
+    assert "B-LOC" in json.dumps(records[number])
+    docs = list(DocBin().from_bytes(docbin).get_docs(spacy.blank("en").vocab))
+    assert [(entity.start, entity.end, entity.label_) for entity in docs[number].ents][0] == (0, 1, "LOC")
