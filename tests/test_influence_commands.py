@@ -80,8 +80,8 @@ def test_validate_writes_pairs_summary_and_chart(indexed_project, tmp_path, caps
     from segflu_core.influence.scores import segment_gradient
 
     out = tmp_path / "validation"
-    argv = ["validate", str(indexed_project.path), "--train-sentences", "10", "--dev-sentences", "6",
-            "--test-words", "2", "--top", "2", "--out", str(out), "--device", "cpu"]
+    argv = ["validate", str(indexed_project.path), "--train-sentences", "8", "--dev-sentences", "6",
+            "--test-words", "2", "--top", "2", "--tolerance", "1e-5", "--out", str(out), "--device", "cpu"]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"pearson", "spearman", "sign_agreement", "n"}
@@ -96,9 +96,9 @@ def test_validate_writes_pairs_summary_and_chart(indexed_project, tmp_path, caps
     assert summary["n"] == len(pairs)
 
     # Each listed training word is among the 2 largest |influence| on its test word.
-    train = split_sample(indexed_project, "train", 10)
+    train = split_sample(indexed_project, "train", 8)
     dev = split_sample(indexed_project, "dev", 6)
-    params, _ = refit_head(HeadParams.from_tagger(indexed_project.tagger), *train, l2=1e-4, tolerance=1e-6)
+    params, _ = refit_head(HeadParams.from_tagger(indexed_project.tagger), *train, l2=1e-4, tolerance=1e-5)
     words = [(s, t) for s in range(len(train[1])) for t in range(len(train[1][s]))]
     for (sentence, start), group in pairs.groupby(["test_sentence", "test_start"]):
         query = segment_gradient(dev[0][sentence], dev[1][sentence], params, start, start + 1).flatten()

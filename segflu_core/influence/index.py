@@ -455,7 +455,7 @@ def write_eval_terms(writer, split, features, gold, params, labels, *, chunk_sen
 
 
 def head_digest(params: HeadParams) -> str:
-    """Return the SHA-256 of the flattened float64 head parameters, so queries can detect a changed model."""
+    """Return the SHA-256 of the flattened float64 head parameters, which identifies the head the index was built with."""
     return hashlib.sha256(np.ascontiguousarray(params.flatten()).tobytes()).hexdigest()
 
 
