@@ -253,3 +253,13 @@ def test_gold_spans_cover_every_word():
     spans = index_module.gold_spans(tags)
     bounds = list(zip(spans.sentence.tolist(), spans.start.tolist(), spans.end.tolist()))
     assert bounds == [(0, 0, 2), (0, 2, 3), (0, 3, 4), (1, 0, 1), (1, 1, 3)]
+
+
+def test_empty_dev_split_indexed(tiny_encoder, tmp_path):
+    folder = write_tiny_project(tmp_path / "empty-dev", tiny_encoder, train=4)
+    (folder / "data" / "dev.conll").write_text("-DOCSTART-\tO\n\n", encoding="utf-8")
+    project = Project.load(folder, device="cpu")
+    build_index(project, progress=False)
+    assert project.index["dev_features"].shape[0] == 0
+    assert project.index["dev_sentence_offsets"].tolist() == [0]
+    assert project.errors("dev").empty

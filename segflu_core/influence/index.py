@@ -351,6 +351,8 @@ def write_features(writer: ArrayWriter, split: str, tagger, token_lists, *, batc
                 stored = writer.create(f"{split}_features", (int(offsets[-1]), features[0].shape[1]), np.float16)
             stored[offsets[first] : offsets[first] + sum(len(t) for t in chunk)] = np.concatenate(features)
             bar.update(len(chunk))
+    if stored is None:
+        stored = writer.create(f"{split}_features", (0, tagger.encoder.feature_dim), np.float16)
     stored.flush()
     return stored
 
@@ -435,7 +437,7 @@ def write_eval_terms(writer, split, features, gold, params, labels, *, chunk_sen
     offsets = writer.offsets[split]
     num_words, num_tags = int(offsets[-1]), params.num_tags
     writer.save(f"{split}_sentence_offsets", offsets)
-    writer.save(f"{split}_gold", np.concatenate(gold).astype(np.int32))
+    writer.save(f"{split}_gold", np.concatenate([np.zeros(0, dtype=np.int64), *gold]).astype(np.int32))
     predictions = writer.create(f"{split}_predictions", (num_words,), np.int32)
     residuals = {
         name: writer.create(f"{split}_{name}_residuals", (num_words, num_tags), np.float32)
@@ -563,6 +565,8 @@ def _build_into(project, folder: Path, *, refit_head, hessian, batch_size, chunk
     if "train" not in splits:
         raise ProjectError(f"{project.path / 'project.json'}: no train split; add data.train and retrain")
     features, gold = {}, {}
+    if not project.sentences("train"):
+        raise ProjectError(f"{project.data_path('train')}: no training sentences; add annotated sentences and retrain")
     for split in splits:
         sentences = project.sentences(split)
         token_lists = [list(sentence.tokens) for sentence in sentences]
