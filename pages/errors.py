@@ -84,17 +84,17 @@ def main() -> None:
         st.success(f"The tagger makes no entity errors on {split}.")
         st.stop()
 
-    shown = show_filters(errors)
-    st.caption(f"{len(shown)} of {len(errors)} mispredicted entities on {split}. Select a row to explain it.")
+    filtered = show_filters(errors)
+    st.caption(f"{len(filtered)} of {len(errors)} mispredicted entities on {split}. Select a row to explain it.")
     event = st.dataframe(
-        shown,
+        filtered,
         key="errors_table",
         on_select="rerun",
         selection_mode="single-row",
         hide_index=True,
         width="stretch",
     )
-    if shown.empty:
+    if filtered.empty:
         st.stop()
 
     # A row selected in the table becomes the choice of the selection box,
@@ -103,16 +103,16 @@ def main() -> None:
     if selected_rows and selected_rows != st.session_state.get("errors_last_selection"):
         st.session_state["errors_choice"] = selected_rows[0]
     st.session_state["errors_last_selection"] = selected_rows
-    if st.session_state.get("errors_choice", 0) >= len(shown):
+    if st.session_state.get("errors_choice", 0) >= len(filtered):
         st.session_state["errors_choice"] = 0
     position = st.selectbox(
         "Error to explain",
-        range(len(shown)),
-        format_func=lambda i: describe_error(shown.iloc[i]),
+        range(len(filtered)),
+        format_func=lambda i: describe_error(filtered.iloc[i]),
         key="errors_choice",
     )
     if st.button("Explain this error", type="primary", key="errors_explain"):
-        open_in_explain(split, shown.iloc[position])
+        open_in_explain(split, filtered.iloc[position])
 
 
 if __name__ == "__main__":

@@ -40,12 +40,12 @@ def scatter_chart(pairs: pd.DataFrame) -> alt.Chart:
 
 def show_summary(summary: dict) -> None:
     """Show the correlations of ``summary.json`` as metrics."""
-    shown = [key for key in SUMMARY_CAPTIONS if key in summary]
-    if not shown:
+    present_keys = [key for key in SUMMARY_CAPTIONS if key in summary]
+    if not present_keys:
         st.json(summary)
         return
-    columns = st.columns(len(shown))
-    for column, key in zip(columns, shown):
+    columns = st.columns(len(present_keys))
+    for column, key in zip(columns, present_keys):
         value = summary[key]
         column.metric(SUMMARY_CAPTIONS[key], f"{value:.3f}" if isinstance(value, float) else str(value))
 

@@ -48,10 +48,10 @@ def streamlit_command(streamlit_args: list[str]) -> list[str]:
         Options from the user, as ``--name value`` or ``--name=value``; they
         override the defaults of the same name.
     """
-    given = {argument.split("=", 1)[0] for argument in streamlit_args if argument.startswith("--")}
+    user_options = {argument.split("=", 1)[0] for argument in streamlit_args if argument.startswith("--")}
     command = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT)]
     for option, value in DEFAULT_STREAMLIT_OPTIONS.items():
-        if option not in given:
+        if option not in user_options:
             command += [option, value]
     return command + list(streamlit_args)
 

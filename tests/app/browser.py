@@ -45,7 +45,7 @@ def wait_until_healthy(url: str, process: subprocess.Popen, *, timeout_s: float)
     Raises
     ------
     RuntimeError
-        When the server exits or does not answer within ``timeout_s``.
+        When the server exits or does not respond within ``timeout_s``.
     """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -58,7 +58,7 @@ def wait_until_healthy(url: str, process: subprocess.Popen, *, timeout_s: float)
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"segflu app did not answer at {url} within {timeout_s} s")
+    raise RuntimeError(f"segflu app did not respond at {url} within {timeout_s} s")
 
 
 def stop(process: subprocess.Popen) -> None:

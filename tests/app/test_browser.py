@@ -125,10 +125,10 @@ def test_explain_relabel_export(page, project_copy, tmp_path):
         sentence_input.fill("0")
         sentence_input.press("Enter")
         browser.wait_until_idle(page)
-        shown = page.locator(".segflu-sentence").first
+        sentence_view = page.locator(".segflu-sentence").first
         for token in HOSTILE_TOKENS:
-            assert token in shown.inner_text()
-        assert shown.locator("img, script, svg").count() == 0
+            assert token in sentence_view.inner_text()
+        assert sentence_view.locator("img, script, svg").count() == 0
         assert dialogs == []
 
         page.get_by_role("link", name="Review").click()
