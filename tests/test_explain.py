@@ -222,6 +222,9 @@ def test_invalid_options_rejected(indexed_project):
         indexed_project.explain("test", 10_000, 0, 1)
     with pytest.raises(ValueError, match="expected top_k"):
         indexed_project.explain("test", 0, 0, 1, top_k=0)
+    for options in ({"method": "instance"}, {"granularity": "sentence"}):
+        with pytest.raises(ValueError, match="expected label_filter None"):
+            indexed_project.explain("test", 0, 0, 1, label_filter="same", **options)
 
 
 def units(forms, types, features, items) -> ConflictUnits:

@@ -66,8 +66,9 @@ def check_options(method: str, granularity: str, label_filter: str | None, top_k
         raise ValueError(f"expected granularity in {GRANULARITIES}, got {granularity!r}")
     if label_filter not in (None, "same", "different"):
         raise ValueError(f"expected label_filter None, 'same' or 'different', got {label_filter!r}")
-    if label_filter is not None and granularity == "sentence" and method in ("segment", "instance"):
-        raise ValueError("expected label_filter None for sentence granularity, got "
+    ranks_sentences = method == "instance" or (method == "segment" and granularity == "sentence")
+    if label_filter is not None and ranks_sentences:
+        raise ValueError("expected label_filter None when ranking sentences, got "
                          f"{label_filter!r}; sentences have no single gold label")
     if not isinstance(top_k, (int, np.integer)) or top_k < 1:
         raise ValueError(f"expected top_k >= 1, got {top_k!r}")
