@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from segflu_core.errors import ProjectError, UnsafePathError
+from segflu_core.errors import IndexNotBuiltError, ProjectError, UnsafePathError
 from segflu_core.influence import explain as explain_module
 from segflu_core.influence.index import INDEX_FOLDER, InfluenceIndex, decode, label_indices, make_batch
 from segflu_core.schemes import tags_to_spans
@@ -157,8 +157,22 @@ class Project:
             When ``index/`` has not been built; the message names the command.
         """
         if self._index is None:
-            self._index = InfluenceIndex.load(self.path / INDEX_FOLDER, project_path=self.path)
+            index = InfluenceIndex.load(self.path / INDEX_FOLDER, project_path=self.path)
+            self._check_index_matches(index)
+            self._index = index
         return self._index
+
+    def _check_index_matches(self, index: InfluenceIndex) -> None:
+        """Raise ``IndexNotBuiltError`` when the index was built from other data than the project's files."""
+        for split, counts in index.manifest["splits"].items():
+            sentences = self.sentences(split) if split in self.splits else []
+            words = sum(len(sentence.tokens) for sentence in sentences)
+            if (len(sentences), words) != (counts["sentences"], counts["words"]):
+                raise IndexNotBuiltError(
+                    f"{index.folder / 'manifest.json'}: the index covers {counts['sentences']} {split} sentences "
+                    f"({counts['words']} words) but {self.path / PROJECT_FILE} names {len(sentences)} ({words} words); "
+                    f"rebuild the index with `segflu index {self.path}`"
+                )
 
     def reload_index(self) -> None:
         """Forget the opened index so the next query opens the one on disk."""
@@ -282,8 +296,6 @@ class Project:
 
     def predicted_tags(self, split: str) -> list[list[str]]:
         """Return the predicted IOB2 tags of every sentence of a split, from the index when it is built."""
-        from segflu_core.errors import IndexNotBuiltError
-
         try:
             index = self.index
             offsets = index[f"{split}_sentence_offsets"]

@@ -263,3 +263,13 @@ def test_empty_dev_split_indexed(tiny_encoder, tmp_path):
     assert project.index["dev_features"].shape[0] == 0
     assert project.index["dev_sentence_offsets"].tolist() == [0]
     assert project.errors("dev").empty
+
+
+def test_index_of_other_data_rejected(indexed_project, tmp_path):
+    other = copy_project(indexed_project, tmp_path / "stale")
+    build_index(other, progress=False)
+    train = other.path / "data" / "train.conll"
+    train.write_text(train.read_text() + "\nextra\tO\n", encoding="utf-8")
+    reopened = Project.load(other.path, device="cpu")
+    with pytest.raises(IndexNotBuiltError, match="rebuild the index"):
+        reopened.explain("test", 0, 0, 1)
