@@ -40,7 +40,7 @@ NAME = "dosage"
 CROWD_FILE = "ebm_nlp/acl_lstm_crf_data/dev.txt"
 EXPERT_FILE = "ebm_nlp/acl_lstm_crf_data/test.txt"
 DEV_SHARE = 0.1
-QUICK = {"train_abstracts": 40, "test_abstracts": 30}
+QUICK = {"train_abstracts": 20, "test_abstracts": 15}
 
 _NUMBER = r"\d+(?:[.,]\d+)?"
 _RANGE = rf"{_NUMBER}(?:\s*(?:-|–|to)\s*{_NUMBER})?"
