@@ -51,18 +51,42 @@ def build_parser() -> argparse.ArgumentParser:
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)
         subparser.set_defaults(_module=module)
         if name == "app":
-            # Everything after the project folder is handed to Streamlit unchanged.
-            subparser.add_argument("project", nargs="?", default=None, help="project folder to open")
-            subparser.add_argument("streamlit_args", nargs=argparse.REMAINDER, help="options passed to streamlit run")
+            # Options that segflu does not know, such as --server.port 8502, are
+            # handed to Streamlit unchanged (see main).
+            subparser.add_argument("project", nargs="?", default=None, help="project folder to open (default: the demo project)")
             continue
         importlib.import_module(f"segflu_core.commands.{module}").add_arguments(subparser)
     return parser
 
 
+def split_app_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``segflu app [PROJECT] [STREAMLIT OPTIONS]`` into segflu's part and Streamlit's part.
+
+    The project folder is the first argument after ``app`` unless it starts
+    with ``-``; everything else after ``app`` (except ``-h``) goes to
+    Streamlit, so ``segflu app --server.port 8502`` opens the demo project.
+    """
+    if "app" not in argv:
+        return argv, []
+    position = argv.index("app")
+    if any(not argument.startswith("-") for argument in argv[:position]):
+        return argv, []  # "app" is a value of another command, not the command
+    head, tail = argv[: position + 1], argv[position + 1 :]
+    if tail and not tail[0].startswith("-"):
+        head, tail = head + tail[:1], tail[1:]
+    if any(argument in ("-h", "--help") for argument in tail):
+        return head + ["--help"], []
+    return head, tail
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, streamlit_args = split_app_arguments(argv)
     args = parser.parse_args(argv)
+    if args.command == "app":
+        args.streamlit_args = streamlit_args
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
