@@ -18,7 +18,7 @@ import pandas as pd
 
 from segflu_core.errors import IndexNotBuiltError, ProjectError, UnsafePathError
 from segflu_core.influence import explain as explain_module
-from segflu_core.influence.index import INDEX_FOLDER, InfluenceIndex, decode, label_indices, make_batch
+from segflu_core.influence.index import INDEX_FOLDER, InfluenceIndex, corpus_digest, decode, label_indices, make_batch
 from segflu_core.schemes import tags_to_spans
 
 logger = logging.getLogger(__name__)
@@ -167,6 +167,11 @@ class Project:
         for split, counts in index.manifest["splits"].items():
             sentences = self.sentences(split) if split in self.splits else []
             words = sum(len(sentence.tokens) for sentence in sentences)
+            if counts.get("sha256") not in (None, corpus_digest(sentences)):
+                raise IndexNotBuiltError(
+                    f"{index.folder / 'manifest.json'}: the {split} tokens or tags changed since the index was built; "
+                    f"rebuild the index with `segflu index {self.path}`"
+                )
             if (len(sentences), words) != (counts["sentences"], counts["words"]):
                 raise IndexNotBuiltError(
                     f"{index.folder / 'manifest.json'}: the index covers {counts['sentences']} {split} sentences "

@@ -273,3 +273,13 @@ def test_index_of_other_data_rejected(indexed_project, tmp_path):
     reopened = Project.load(other.path, device="cpu")
     with pytest.raises(IndexNotBuiltError, match="rebuild the index"):
         reopened.explain("test", 0, 0, 1)
+
+
+def test_index_after_label_change_rejected(indexed_project, tmp_path):
+    other = copy_project(indexed_project, tmp_path / "relabelled")
+    build_index(other, progress=False)
+    train = other.path / "data" / "train.conll"
+    train.write_text(train.read_text().replace("\tB-PER", "\tB-ORG", 1), encoding="utf-8")
+    reopened = Project.load(other.path, device="cpu")
+    with pytest.raises(IndexNotBuiltError, match="tokens or tags changed"):
+        reopened.explain("test", 0, 0, 1)

@@ -456,6 +456,15 @@ def write_eval_terms(writer, split, features, gold, params, labels, *, chunk_sen
         array.flush()
 
 
+def corpus_digest(sentences) -> str:
+    """Return the SHA-256 of the tokens and tags of a split's sentences, in order."""
+    digest = hashlib.sha256()
+    for sentence in sentences:
+        digest.update("\t".join(sentence.tokens).encode("utf-8") + b"\n")
+        digest.update("\t".join(sentence.tags).encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
 def head_digest(params: HeadParams) -> str:
     """Return the SHA-256 of the flattened float64 head parameters, which identifies the head the index was built with."""
     return hashlib.sha256(np.ascontiguousarray(params.flatten()).tobytes()).hexdigest()
@@ -602,7 +611,12 @@ def _build_into(project, folder: Path, *, refit_head, hessian, batch_size, chunk
         "l2": l2,
         "hessian": hessian,
         "splits": {
-            split: {"sentences": len(gold[split]), "words": int(writer.offsets[split][-1])} for split in splits
+            split: {
+                "sentences": len(gold[split]),
+                "words": int(writer.offsets[split][-1]),
+                "sha256": corpus_digest(project.sentences(split)),
+            }
+            for split in splits
         },
         "train_spans": len(spans.start),
         "arrays": writer.arrays,
