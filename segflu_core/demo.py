@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA_DIR = REPO_ROOT / "data" / "btc"
 DEMO_PROJECT_DIR = REPO_ROOT / "projects" / "btc-demo"
+# Passes over the cached features when training the demo head; the pass with
+# the best dev F1 is kept. In a 60-pass run on the demo data, dev F1 moved
+# between 0.40 and 0.61 from the second pass on, without a rising trend.
+DEMO_HEAD_EPOCHS = 20
 SPLITS = ("train", "dev", "test")
 
 
@@ -106,7 +110,7 @@ def ensure_demo_project(
         if config is None:
             from segflu_core.training import TrainConfig
 
-            config = TrainConfig(freeze_encoder=True)
+            config = TrainConfig(freeze_encoder=True, head_epochs=DEMO_HEAD_EPOCHS)
         train_demo(project_dir, data_dir, encoder=encoder, config=config, progress=progress)
     if not is_indexed(project_dir):
         logger.info("building the influence index of %s", project_dir)

@@ -136,6 +136,8 @@ class Tagger(nn.Module):
         self.register_buffer("allowed_start", torch.from_numpy(start), persistent=False)
         self.register_buffer("allowed", torch.from_numpy(pairs), persistent=False)
         self.register_buffer("allowed_end", torch.from_numpy(end), persistent=False)
+        # Word features by sentence, kept only for a frozen encoder (see enable_feature_cache).
+        self._feature_cache: dict[tuple[str, ...], np.ndarray] | None = None
 
     @classmethod
     def create(
@@ -213,8 +215,28 @@ class Tagger(nn.Module):
             result[row] = [self.labels[tag] for tag in path]
         return result
 
+    def enable_feature_cache(self) -> None:
+        """Keep the word features of every sentence that :meth:`word_features` or :meth:`predict` sees.
+
+        A frozen encoder gives a sentence the same features every time, so
+        training, evaluation and saving the features run the encoder once per
+        sentence. The cache holds float32 ``(n_words, feature_dim)`` arrays in
+        memory, about 1.6 KB per word at the default encoder.
+
+        Raises
+        ------
+        ValueError
+            For a fine-tuned encoder, whose features change while it trains.
+        """
+        if self.fine_tune_encoder:
+            raise ValueError("expected a tagger with a frozen encoder for the feature cache, got fine_tune_encoder=True")
+        if self._feature_cache is None:
+            self._feature_cache = {}
+
     def predict(self, token_lists: Sequence[Sequence[str]], *, batch_size: int = 32) -> list[list[str]]:
         """Tag sentences in eval mode; returns one IOB2 tag per word, in input order."""
+        if self._feature_cache is not None:
+            return self._predict_cached(token_lists, batch_size=batch_size)
         result: list[list[str]] = [[] for _ in token_lists]
         was_training = self.training
         self.eval()
@@ -228,10 +250,27 @@ class Tagger(nn.Module):
             self.train(was_training)
         return result
 
+    def _predict_cached(self, token_lists: Sequence[Sequence[str]], *, batch_size: int) -> list[list[str]]:
+        features = self.word_features(token_lists, batch_size=batch_size, progress=False)
+        result: list[list[str]] = []
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                for first in range(0, len(features), 256):
+                    padded, mask = pad_features(features[first : first + 256])
+                    result.extend(self.decode_features(padded.to(self.device), mask))
+        finally:
+            self.train(was_training)
+        return result
+
     def word_features(
         self, token_lists: Sequence[Sequence[str]], *, batch_size: int = 32, progress: bool = True
     ) -> list[np.ndarray]:
         """Compute the encoder's word features in eval mode without gradients.
+
+        With :meth:`enable_feature_cache`, sentences seen before are taken
+        from the cache and only the others go through the encoder.
 
         Returns
         -------
@@ -239,6 +278,19 @@ class Tagger(nn.Module):
             float32 ``(n_words, feature_dim)`` per sentence, in input order;
             these are the inputs of the emission layer.
         """
+        cache = self._feature_cache
+        if cache is None:
+            return self._encode_words(token_lists, batch_size=batch_size, progress=progress)
+        keys = [tuple(tokens) for tokens in token_lists]
+        missing = list(dict.fromkeys(key for key in keys if key not in cache))
+        if missing:
+            computed = self._encode_words(missing, batch_size=batch_size, progress=progress)
+            cache.update(zip(missing, computed))
+        return [cache[key] for key in keys]
+
+    def _encode_words(
+        self, token_lists: Sequence[Sequence[str]], *, batch_size: int, progress: bool
+    ) -> list[np.ndarray]:
         result: list[np.ndarray] = [np.zeros((0, self.encoder.feature_dim), dtype=np.float32) for _ in token_lists]
         was_training = self.training
         self.eval()

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from segflu_core.errors import ProjectError, TagSchemeError
 from segflu_core.evaluation import evaluate
+from segflu_core.feature_cache import FEATURES_FOLDER, save_features
 from segflu_core.schemes import entity_types, label_list
 from segflu_core.tagger import Tagger, pad_features, write_json
 
@@ -263,6 +264,7 @@ def fit_frozen(
     """Compute word features once, then train only the head on them for ``config.head_epochs``."""
     if tagger.fine_tune_encoder:
         raise ValueError("expected a tagger with a frozen encoder, got fine_tune_encoder=True")
+    tagger.enable_feature_cache()
     train_features = tagger.word_features([tokens for tokens, _ in train], batch_size=config.batch_size, progress=progress)
     dev_features = tagger.word_features([tokens for tokens, _ in dev], batch_size=config.batch_size, progress=progress)
 
@@ -333,7 +335,7 @@ PROJECT_FORMAT_VERSION = 1
 SPLITS = ("train", "dev", "test")
 # Outputs of an earlier run that a forced retraining replaces, so that no
 # stale model or index survives next to the new project.json.
-REPLACED_ENTRIES = ("project.json", "metrics.json", "data", "model", "index")
+REPLACED_ENTRIES = ("project.json", "metrics.json", "data", "model", "index", FEATURES_FOLDER)
 
 
 def _prepare_project_folder(out_dir: Path, *, overwrite: bool) -> None:
@@ -442,6 +444,10 @@ def train_project(
     tagger.save(out_dir / "model")
     metrics = _evaluate_splits(tagger, pairs, batch_size=config.batch_size)
     write_json(out_dir / "metrics.json", metrics)
+    if config.freeze_encoder:
+        # The index builder reuses these instead of running the encoder again.
+        save_features(out_dir, tagger, {split: [tokens for tokens, _ in pairs[split]] for split in pairs},
+                      batch_size=config.batch_size)
 
     project = {
         "format_version": PROJECT_FORMAT_VERSION,

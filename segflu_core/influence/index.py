@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from segflu_core import crf
 from segflu_core.errors import IndexNotBuiltError, ProjectError
+from segflu_core.feature_cache import load_features
 from segflu_core.influence.head import HeadParams
 from segflu_core.influence.scores import neighbour_labels
 from segflu_core.schemes import allowed_transitions, tags_to_spans
@@ -357,6 +358,15 @@ def write_features(writer: ArrayWriter, split: str, tagger, token_lists, *, batc
     return stored
 
 
+def copy_features(writer: ArrayWriter, split: str, saved: np.ndarray, *, chunk_words: int) -> np.ndarray:
+    """Store features saved at training (float16, (num_words, d)) as ``{split}_features``, in chunks."""
+    stored = writer.create(f"{split}_features", saved.shape, np.float16)
+    for first in range(0, saved.shape[0], chunk_words):
+        stored[first : first + chunk_words] = saved[first : first + chunk_words]
+    stored.flush()
+    return stored
+
+
 def sentence_features(features: np.ndarray, offsets: np.ndarray, first: int, last: int) -> list[np.ndarray]:
     """Slice the float32 features of sentences ``[first, last)`` from the flat feature array."""
     return [np.asarray(features[offsets[i] : offsets[i + 1]], dtype=np.float32) for i in range(first, last)]
@@ -581,8 +591,13 @@ def _build_into(project, folder: Path, *, refit_head, hessian, batch_size, chunk
         token_lists = [list(sentence.tokens) for sentence in sentences]
         writer.offsets[split] = sentence_offsets(token_lists)
         gold[split] = label_indices([list(sentence.tags) for sentence in sentences], labels, split=split)
-        features[split] = write_features(writer, split, tagger, token_lists, batch_size=batch_size,
-                                         chunk_sentences=chunk_sentences, progress=progress)
+        saved = load_features(project.path, split, token_lists, tagger)
+        if saved is not None:
+            logger.info("using the word features saved at training for %s", split)
+            features[split] = copy_features(writer, split, saved, chunk_words=chunk_sentences * 64)
+        else:
+            features[split] = write_features(writer, split, tagger, token_lists, batch_size=batch_size,
+                                             chunk_sentences=chunk_sentences, progress=progress)
 
     params = HeadParams.from_tagger(tagger)
     refit_info = None
