@@ -8,6 +8,7 @@ arrays are memory-mapped on first use, so opening a project is cheap.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,14 +17,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from segflu_core.edits import EditStore
 from segflu_core.errors import IndexNotBuiltError, ProjectError, UnsafePathError
 from segflu_core.influence import explain as explain_module
+from segflu_core.influence import update as index_update
 from segflu_core.influence.index import INDEX_FOLDER, InfluenceIndex, corpus_digest, decode, label_indices, make_batch
 from segflu_core.schemes import tags_to_spans
 
 logger = logging.getLogger(__name__)
 
 PROJECT_FILE = "project.json"
+EDITS_FILE = "edits.sqlite"
 # Dev documents that count as clean validation data when no others are named.
 DEFAULT_CLEAN_DOCUMENTS = 10
 ERROR_COLUMNS = ["sentence", "start", "end", "gold_type", "predicted_type", "text", "kind"]
@@ -86,6 +90,9 @@ class Project:
         self._corpora: dict = {}
         self._tagger = None
         self._index: InfluenceIndex | None = None
+        self._edit_store: EditStore | None = None
+        # Per split: the edit state the edited sentences were built for, and those sentences.
+        self._edited: dict[str, tuple[tuple, list]] = {}
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str = "auto") -> "Project":
@@ -127,9 +134,50 @@ class Project:
             self._corpora[split] = read_corpus(self.data_path(split), **options)
         return self._corpora[split]
 
-    def sentences(self, split: str) -> list:
-        """Return the sentences of a split, in file order."""
+    def original_sentences(self, split: str) -> list:
+        """Return the sentences of a split as its data file has them, without label edits, in file order."""
         return self.corpus(split).sentences
+
+    def sentences(self, split: str) -> list:
+        """Return the sentences of a split, in file order, with the active edits of ``edits.sqlite`` applied.
+
+        Sentences without active edits are the objects of :meth:`original_sentences`.
+        The edited list is rebuilt whenever the split's edits change, so edits
+        saved by another :class:`EditStore` (another page or process) show at once.
+        """
+        original = self.original_sentences(split)
+        state = self.edit_state(split)
+        if not state:
+            return original
+        cached = self._edited.get(split)
+        if cached is not None and cached[0] == state:
+            return cached[1]
+        edited_tags = self.edit_store().apply(split, [sentence.tags for sentence in original])
+        edited = [
+            sentence if tags == sentence.tags else dataclasses.replace(sentence, tags=tags)
+            for sentence, tags in zip(original, edited_tags)
+        ]
+        self._edited[split] = (state, edited)
+        return edited
+
+    def edit_store(self) -> EditStore | None:
+        """Return the project's :class:`EditStore`, or ``None`` while ``edits.sqlite`` does not exist.
+
+        Reading never creates the database, so a project without edits stays unchanged.
+        """
+        if self._edit_store is None:
+            path = self.path / EDITS_FILE
+            if not path.is_file():
+                return None
+            self._edit_store = EditStore(path)
+        return self._edit_store
+
+    def edit_state(self, split: str) -> tuple[tuple[int, bool], ...]:
+        """Return ``(id, undone)`` of every edit of a split in id order; empty without edits."""
+        store = self.edit_store()
+        if store is None:
+            return ()
+        return tuple((edit.id, edit.undone) for edit in store.edits(split=split, include_undone=True))
 
     def sentence(self, split: str, index: int):
         """Return sentence ``index`` (0-based, ``-DOCSTART-`` lines not counted) of a split."""
@@ -149,27 +197,57 @@ class Project:
 
     @property
     def index(self) -> InfluenceIndex:
-        """The influence index, opened on first use.
+        """The influence index, opened on first use and brought up to date with the label edits.
 
         Raises
         ------
         IndexNotBuiltError
-            When ``index/`` has not been built; the message names the command.
+            When ``index/`` has not been built or was built from other data
+            files; the message names the command.
         """
         if self._index is None:
-            index = InfluenceIndex.load(self.path / INDEX_FOLDER, project_path=self.path)
-            self._check_index_matches(index)
-            self._index = index
+            self.apply_edits()
         return self._index
 
+    def _open_index(self) -> InfluenceIndex:
+        index = InfluenceIndex.load(self.path / INDEX_FOLDER, project_path=self.path)
+        self._check_index_matches(index)
+        return index
+
+    def apply_edits(self) -> dict[str, list[int]]:
+        """Bring the index up to date with the edit store and return the recomputed sentences per split.
+
+        Only sentences whose current labels differ from the labels the index
+        holds are recomputed, and nothing is read beyond one query of the edit
+        store when the edits did not change since the last update.
+
+        Raises
+        ------
+        IndexNotBuiltError
+            When the index has not been built.
+        """
+        if self._index is None:
+            self._index = self._open_index()
+        updated = index_update.sync_edits(self, self._index)
+        if any(updated.values()):
+            # The data files were checked on opening, and the update rewrote arrays and manifest.
+            self._index = InfluenceIndex.load(self.path / INDEX_FOLDER, project_path=self.path)
+        return updated
+
     def _check_index_matches(self, index: InfluenceIndex) -> None:
-        """Raise ``IndexNotBuiltError`` when the index was built from other data than the project's files."""
+        """Raise ``IndexNotBuiltError`` when the index was built from other data files than the project's.
+
+        The check compares the unedited data files, because label edits are
+        applied to the index in place by :meth:`apply_edits`.
+        """
         for split, counts in index.manifest["splits"].items():
-            sentences = self.sentences(split) if split in self.splits else []
+            sentences = self.original_sentences(split) if split in self.splits else []
             words = sum(len(sentence.tokens) for sentence in sentences)
-            if counts.get("sha256") not in (None, corpus_digest(sentences)):
+            # An index written before source_sha256 existed was built from the unedited files.
+            built_from = counts.get("source_sha256", counts.get("sha256"))
+            if built_from not in (None, corpus_digest(sentences)):
                 raise IndexNotBuiltError(
-                    f"{index.folder / 'manifest.json'}: the {split} tokens or tags changed since the index was built; "
+                    f"{index.folder / 'manifest.json'}: the {split} tokens or tags changed in the data file since the index was built; "
                     f"rebuild the index with `segflu index {self.path}`"
                 )
             if (len(sentences), words) != (counts["sentences"], counts["words"]):
@@ -263,6 +341,7 @@ class Project:
         IndexNotBuiltError
             When the index, or its Hessian factor for ``hessian=True``, is missing.
         """
+        self.apply_edits()
         query = self.stored_query(split, sentence, start, end, labels=labels)
         return explain_module.explain_query(
             self.index, self.sentences("train"), query, method=method, granularity=granularity,
@@ -279,6 +358,7 @@ class Project:
         if not tokens:
             raise ValueError("expected at least one token, got none")
         check_segment(start, end, len(tokens))
+        self.apply_edits()
         features = self.tagger.word_features([list(tokens)], progress=False)[0]
         query = explain_module.Query(
             features=np.asarray(features, dtype=np.float32),

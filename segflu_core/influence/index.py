@@ -475,6 +475,42 @@ def corpus_digest(sentences) -> str:
     return digest.hexdigest()
 
 
+def edits_signature(state) -> dict | None:
+    """Summarise a split's edit history for the manifest, or return ``None`` when the split has no edits.
+
+    ``state`` lists ``(id, undone)`` of every edit of the split in id order
+    (:meth:`segflu_core.project.Project.edit_state`). Any new edit, undo or
+    redo changes the ``state_sha256`` of the result.
+    """
+    state = [[int(edit_id), bool(undone)] for edit_id, undone in state]
+    if not state:
+        return None
+    encoded = json.dumps(state, separators=(",", ":")).encode("utf-8")
+    return {"last_id": max(edit_id for edit_id, _undone in state), "state_sha256": hashlib.sha256(encoded).hexdigest()}
+
+
+def split_edit_state(project, split: str) -> tuple:
+    """Return the project's edit state of a split, or no edits for a project object without an edit store."""
+    return project.edit_state(split) if hasattr(project, "edit_state") else ()
+
+
+def split_entry(project, split: str, num_sentences: int, num_words: int, state: tuple) -> dict:
+    """Return the manifest entry of a split: counts, digests of the labels used and of the data file, edit state.
+
+    ``state`` is the edit state read before the split's labels were, so an edit
+    saved during the build is recomputed by the next update instead of being
+    recorded as applied.
+    """
+    original = project.original_sentences(split) if hasattr(project, "original_sentences") else project.sentences(split)
+    return {
+        "sentences": num_sentences,
+        "words": num_words,
+        "sha256": corpus_digest(project.sentences(split)),
+        "source_sha256": corpus_digest(original),
+        "edits": edits_signature(state),
+    }
+
+
 def head_digest(params: HeadParams) -> str:
     """Return the SHA-256 of the flattened float64 head parameters, which identifies the head the index was built with."""
     return hashlib.sha256(np.ascontiguousarray(params.flatten()).tobytes()).hexdigest()
@@ -584,6 +620,7 @@ def _build_into(project, folder: Path, *, refit_head, hessian, batch_size, chunk
     if "train" not in splits:
         raise ProjectError(f"{project.path / 'project.json'}: no train split; add data.train and retrain")
     features, gold = {}, {}
+    edit_states = {split: split_edit_state(project, split) for split in splits}
     if not project.sentences("train"):
         raise ProjectError(f"{project.data_path('train')}: no training sentences; add annotated sentences and retrain")
     for split in splits:
@@ -626,11 +663,7 @@ def _build_into(project, folder: Path, *, refit_head, hessian, batch_size, chunk
         "l2": l2,
         "hessian": hessian,
         "splits": {
-            split: {
-                "sentences": len(gold[split]),
-                "words": int(writer.offsets[split][-1]),
-                "sha256": corpus_digest(project.sentences(split)),
-            }
+            split: split_entry(project, split, len(gold[split]), int(writer.offsets[split][-1]), edit_states[split])
             for split in splits
         },
         "train_spans": len(spans.start),
