@@ -211,6 +211,21 @@ def query_from_text(project: Any, project_dir: Any) -> dict | None:
     return {"split": None, "sentence": None, "tokens": tokens, "start": span[0], "end": span[1]}
 
 
+def follow_edits(project: Any) -> None:
+    """Update the index and drop cached explanations once the edits changed, so the next explanation uses the new labels.
+
+    The edit state is read on every run, so a relabel, undo or redo on this
+    page or on the Review page shows in the first explanation after it.
+    """
+    state = tuple(project.edit_state(split) for split in project.splits)
+    if st.session_state.get("explain_edit_state") == state:
+        return
+    project.apply_edits()
+    explain_sentence.clear()
+    explain_text.clear()
+    st.session_state["explain_edit_state"] = state
+
+
 def compute_explanation(project: Any, project_dir: Any, query: dict, options: dict) -> pd.DataFrame | None:
     """Run the explanation for the query, showing a core error instead of raising it."""
     try:
@@ -432,6 +447,11 @@ def main() -> None:
     st.title("Explain")
     project, project_dir = common.require_project()
     common.require_index(project_dir)
+    try:
+        follow_edits(project)
+    except SegfluError as error:
+        common.show_error(error)
+        st.stop()
     apply_target()
     source = st.radio(
         "Sentence from",
