@@ -10,8 +10,9 @@ import streamlit as st
 
 import pages as common
 from segflu_core import render
+from segflu_core.correction import metrics_table, retrain
 from segflu_core.edits import Edit
-from segflu_core.errors import SegfluError
+from segflu_core.errors import IndexNotBuiltError, SegfluError
 from segflu_core.export import EXPORT_FORMATS, export_corrected, summarize_changes
 
 SPLITS = ("train", "dev", "test")
@@ -64,10 +65,44 @@ def show_edits(project_dir: Path, split: str) -> None:
     if columns[1].button("Undo this edit", key="review_undo"):
         try:
             store.undo_edit(edit_id)
+            follow_edits(project_dir)
         except (SegfluError, ValueError) as error:
             common.show_error(error)
         else:
             st.rerun()
+
+
+def follow_edits(project_dir: Path) -> None:
+    """Update the shared project's index to the edited labels, so the next explanation uses them."""
+    try:
+        common.load_project(str(project_dir)).apply_edits()
+    except IndexNotBuiltError:
+        # Without an index there is nothing to update; building it reads the edited labels.
+        return
+
+
+def show_retrain(project_dir: Path) -> None:
+    """Show the Retrain control and the metrics before and after the last retraining."""
+    mode = st.radio(
+        "Train",
+        ("head", "full"),
+        format_func={"head": "emission layer and CRF on the stored features (fast)", "full": "the whole tagger (slow)"}.get,
+        horizontal=True,
+        key="review_retrain_mode",
+    )
+    if st.button("Retrain on corrected labels", key="review_retrain"):
+        try:
+            with st.spinner("Retraining and rebuilding the index ..."):
+                st.session_state["review_retrain_result"] = retrain(project_dir, mode=mode)
+        except (SegfluError, ValueError) as error:
+            common.show_error(error)
+        # The cached project, predictions and explanations belong to the previous model.
+        common.load_project.clear()
+        st.cache_data.clear()
+    result = st.session_state.get("review_retrain_result")
+    if result:
+        st.caption(f"Previous model kept in {result['previous_model']}.")
+        st.dataframe(pd.DataFrame(metrics_table(result)), hide_index=True, key="review_retrain_metrics")
 
 
 def show_summary(project_dir: Path, split: str) -> None:
@@ -136,6 +171,8 @@ def main() -> None:
         show_summary(project_dir, split)
         st.subheader("Corrected file")
         show_download(project_dir, split)
+        st.subheader("Retrain")
+        show_retrain(project_dir)
     except SegfluError as error:
         common.show_error(error)
 
