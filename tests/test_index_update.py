@@ -12,6 +12,7 @@ import pytest
 
 from segflu_core.edits import EditStore
 from segflu_core.influence.index import build_index
+from segflu_core.influence.update import update_index_sentences
 from segflu_core.project import EDITS_FILE, Project
 from tests.synthetic import write_conll
 from tests.test_index import write_tiny_project
@@ -225,3 +226,19 @@ def test_project_without_edits_unchanged(tiny_encoder, tmp_path):
     assert project.sentences("train") is project.original_sentences("train")
     assert project.edit_store() is None
     assert not (project.path / EDITS_FILE).exists()
+
+
+def test_update_rejects_bad_input(projects):
+    with pytest.raises(ValueError, match="expected a split"):
+        update_index_sentences(projects.edited, "validation", [0])
+    with pytest.raises(ValueError, match="expected sentence positions"):
+        update_index_sentences(projects.edited, "train", [10_000])
+
+
+def test_update_of_unchanged_sentence_keeps_arrays(projects):
+    folder = projects.edited.path / "index"
+    before, _manifest = load_arrays(folder)
+    update_index_sentences(projects.edited, "train", [0, 2])
+    after, _manifest = load_arrays(folder)
+    for name in before:
+        assert_arrays_close(after[name], before[name], name)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,6 +48,9 @@ logger = logging.getLogger(__name__)
 WORD_TERMS = ("word_residuals", "word_loss", "entropy", "sentence_residuals", "span_residuals")
 SENTENCE_TERMS = ("sentence_loss", "sentence_transitions", "sentence_start_gradient", "sentence_end_gradient")
 SPAN_TERMS = ("span_loss", "span_transitions", "span_start_gradient", "span_end_gradient")
+# Streamlit runs each session's script on its own thread, so updates of one process run one at a time.
+# NOTE: two processes that update the same index at once are not serialised.
+UPDATE_LOCK = threading.RLock()
 
 
 def sync_edits(project, index: InfluenceIndex) -> dict[str, list[int]]:
@@ -71,8 +75,13 @@ def sync_edits(project, index: InfluenceIndex) -> dict[str, list[int]]:
         signature = edits_signature(project.edit_state(split))
         if index.manifest["splits"][split].get("edits") == signature:
             continue
-        stale = stale_sentences(project, index, split)
-        update_index_sentences(project, split, stale, edits=signature)
+        with UPDATE_LOCK:
+            # Another thread may have updated the index on disk while this one waited.
+            on_disk = InfluenceIndex.load(index.folder, project_path=project.path)
+            if on_disk.manifest["splits"][split].get("edits") == signature:
+                continue
+            stale = stale_sentences(project, on_disk, split)
+            update_index_sentences(project, split, stale, edits=signature)
         updated[split] = stale
     return updated
 
@@ -110,17 +119,18 @@ def update_index_sentences(project, split: str, sentences: list[int], *, edits: 
         recorded one.
     """
     folder = Path(project.path) / INDEX_FOLDER
-    index = InfluenceIndex.load(folder, project_path=project.path)
-    if split not in index.splits:
-        raise ValueError(f"expected a split in {index.splits}, got {split!r}")
-    current = project.sentences(split)
-    chosen = np.unique(np.asarray(sentences, dtype=np.int64))
-    if len(chosen) and not (0 <= chosen[0] and chosen[-1] < len(current)):
-        raise ValueError(f"expected sentence positions in [0, {len(current)}), got {sorted(set(sentences))}")
-    gold = label_indices([current[i].tags for i in chosen], index.labels, split=split)
-    arrays = train_arrays(index, chosen, gold) if split == "train" else eval_arrays(index, split, chosen, gold)
-    manifest = updated_manifest(index, split, arrays, current, edits)
-    replace_arrays(folder, arrays, manifest)
+    with UPDATE_LOCK:
+        index = InfluenceIndex.load(folder, project_path=project.path)
+        if split not in index.splits:
+            raise ValueError(f"expected a split in {index.splits}, got {split!r}")
+        current = project.sentences(split)
+        chosen = np.unique(np.asarray(sentences, dtype=np.int64))
+        if len(chosen) and not (0 <= chosen[0] and chosen[-1] < len(current)):
+            raise ValueError(f"expected sentence positions in [0, {len(current)}), got {sorted(set(sentences))}")
+        gold = label_indices([current[i].tags for i in chosen], index.labels, split=split)
+        arrays = train_arrays(index, chosen, gold) if split == "train" else eval_arrays(index, split, chosen, gold)
+        manifest = updated_manifest(index, split, arrays, current, edits)
+        replace_arrays(folder, arrays, manifest)
     logger.info("updated %d %s sentences of the index in %s", len(chosen), split, folder)
     if hasattr(project, "reload_index"):
         project.reload_index()
@@ -231,13 +241,14 @@ def updated_manifest(index: InfluenceIndex, split: str, arrays: dict[str, np.nda
 
 def indexed_sentences(sentences: list, gold: np.ndarray, index: InfluenceIndex) -> list[SimpleNamespace]:
     """Pair each sentence's tokens with the labels stored in the updated index, for the manifest digest."""
-    labels = index.labels
-    held, first = [], 0
+    # One vectorised lookup instead of one per word keeps this cheap for large splits.
+    tags = np.asarray(index.labels, dtype=object)[gold].tolist()
+    paired, first = [], 0
     for sentence in sentences:
         last = first + len(sentence.tokens)
-        held.append(SimpleNamespace(tokens=sentence.tokens, tags=[labels[i] for i in gold[first:last]]))
+        paired.append(SimpleNamespace(tokens=sentence.tokens, tags=tags[first:last]))
         first = last
-    return held
+    return paired
 
 
 def replace_arrays(folder: Path, arrays: dict[str, np.ndarray], manifest: dict) -> None:
