@@ -100,3 +100,24 @@ def test_entity_correct_cases():
 def test_unknown_mode_rejected(tmp_path):
     with pytest.raises(ValueError, match="expected mode"):
         retrain(tmp_path, mode="encoder")
+
+
+def test_full_retrain_uses_edited_labels(tiny_encoder, tmp_path):
+    from segflu_core.training import TrainConfig
+
+    folder = write_tiny_project(tmp_path / "full", tiny_encoder, train=12)
+    project = Project.load(folder, device="cpu")
+    old_weight = project.tagger.emission.weight.detach().double().numpy()
+    positions = relabel_word(project, WORD, "LOC")
+    config = TrainConfig(freeze_encoder=True, head_epochs=2, batch_size=8, device="cpu")
+    result = retrain(folder, mode="full", config=config)
+    assert len(result["training"]) == 2
+    previous_weight = Tagger.load(folder / PREVIOUS_MODEL_FOLDER, device="cpu").emission.weight.detach().double().numpy()
+    np.testing.assert_allclose(previous_weight, old_weight)
+    reopened = Project.load(folder, device="cpu")
+    new_weight = reopened.tagger.emission.weight.detach().double().numpy()
+    np.testing.assert_allclose(np.load(folder / "index" / "head_weight.npy"), new_weight, atol=1e-6)
+    gold = np.load(folder / "index" / "train_gold.npy")
+    offsets = np.load(folder / "index" / "train_sentence_offsets.npy")
+    for sentence, position in positions:
+        assert reopened.labels[gold[offsets[sentence] + position]] == "B-LOC"
