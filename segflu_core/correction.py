@@ -138,10 +138,10 @@ def retrain_head(project: Project, *, l2: float, tolerance: float, query) -> dic
     new_head, info = refit_head(old_head, features, labels, l2=l2, tolerance=tolerance)
     new_head.to_tagger(tagger)
 
-    def predict(split: str, head: HeadParams) -> list[list[str]]:
-        return stored_predictions(index, split, head)
+    def predictor(head: HeadParams):
+        return lambda split, sentences=None: stored_predictions(index, split, head, sentences=sentences)
 
-    outcome = compare(project, lambda split: predict(split, old_head), lambda split: predict(split, new_head), query)
+    outcome = compare(project, predictor(old_head), predictor(new_head), query)
     return {**outcome, "training": info, "tagger": tagger}
 
 
@@ -165,30 +165,42 @@ def retrain_full(project: Project, *, config, query, progress: bool) -> dict[str
         save_features(project.path, tagger, {split: [tokens for tokens, _ in pairs[split]] for split in pairs},
                       batch_size=config.batch_size)
 
-    def predict(model, split: str) -> list[list[str]]:
-        return model.predict([list(tokens) for tokens, _tags in pairs[split]], batch_size=config.batch_size)
+    def predictor(model):
+        def predict(split: str, sentences: list[int] | None = None) -> list[list[str]]:
+            chosen = range(len(pairs[split])) if sentences is None else sentences
+            return model.predict([list(pairs[split][i][0]) for i in chosen], batch_size=config.batch_size)
 
-    outcome = compare(project, lambda split: predict(old_tagger, split), lambda split: predict(tagger, split), query)
+        return predict
+
+    outcome = compare(project, predictor(old_tagger), predictor(tagger), query)
     return {**outcome, "training": history, "tagger": tagger}
 
 
-def stored_predictions(index, split: str, head: HeadParams) -> list[list[str]]:
-    """Decode every sentence of a split from the index's stored features with ``head``; IOB2 tags per sentence."""
+def stored_predictions(index, split: str, head: HeadParams, *, sentences: list[int] | None = None) -> list[list[str]]:
+    """Decode sentences of a split (all by default) from the index's stored features with ``head``.
+
+    Returns the IOB2 tags of each sentence, in the order of ``sentences``.
+    """
     offsets = np.asarray(index[f"{split}_sentence_offsets"])
     features = index.features(split)
     labels = index.labels
+    order = list(range(len(offsets) - 1)) if sentences is None else [int(i) for i in sentences]
     predictions: list[list[str]] = []
-    for first in range(0, len(offsets) - 1, DECODE_CHUNK):
-        chosen = range(first, min(first + DECODE_CHUNK, len(offsets) - 1))
-        chunk = [features[offsets[i] : offsets[i + 1]] for i in chosen]
+    for first in range(0, len(order), DECODE_CHUNK):
+        chunk = [features[offsets[i] : offsets[i + 1]] for i in order[first : first + DECODE_CHUNK]]
         placeholder = [np.zeros(len(words), dtype=np.int64) for words in chunk]
-        flat = decode(make_batch(chunk, placeholder, head), labels)
-        predictions.extend([labels[k] for k in flat[offsets[i] - offsets[first] : offsets[i + 1] - offsets[first]]] for i in chosen)
+        flat = decode(make_batch(chunk, placeholder, head), labels).tolist()
+        ends = np.cumsum([len(words) for words in chunk])
+        predictions.extend([labels[k] for k in flat[end - len(words) : end]] for words, end in zip(chunk, ends))
     return predictions
 
 
 def compare(project: Project, predict_before, predict_after, query) -> dict[str, Any]:
-    """Evaluate the old and new predictions on the edited dev and test labels, and the query entity."""
+    """Evaluate the old and new predictions on the edited dev and test labels, and the query entity.
+
+    ``predict_before(split, sentences=None)`` and ``predict_after`` return the
+    IOB2 tags of the listed sentences of a split, or of all of them.
+    """
     before, after = {}, {}
     for split in EVALUATED_SPLITS:
         if split not in project.splits or not project.sentences(split):
@@ -200,8 +212,8 @@ def compare(project: Project, predict_before, predict_after, query) -> dict[str,
     if query is not None:
         split, sentence, start, end = query
         gold = project.sentence(split, int(sentence)).tags
-        old_tags = predict_before(split)[int(sentence)]
-        new_tags = predict_after(split)[int(sentence)]
+        old_tags = predict_before(split, [int(sentence)])[0]
+        new_tags = predict_after(split, [int(sentence)])[0]
         query_result = {
             "split": split, "sentence": int(sentence), "start": int(start), "end": int(end),
             "gold": gold[int(start) : int(end)],

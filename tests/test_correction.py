@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from segflu_core.correction import PREVIOUS_METRICS_FILE, PREVIOUS_MODEL_FOLDER, entity_correct, retrain
+from segflu_core.correction import PREVIOUS_METRICS_FILE, PREVIOUS_MODEL_FOLDER, entity_correct, retrain, stored_predictions
 from segflu_core.edits import EditStore
 from segflu_core.influence.index import build_index
 from segflu_core.project import EDITS_FILE, Project
@@ -121,3 +121,12 @@ def test_full_retrain_uses_edited_labels(tiny_encoder, tmp_path):
     offsets = np.load(folder / "index" / "train_sentence_offsets.npy")
     for sentence, position in positions:
         assert reopened.labels[gold[offsets[sentence] + position]] == "B-LOC"
+
+
+def test_stored_predictions_match_index(retrained):
+    folder = retrained[0]
+    index = Project.load(folder, device="cpu").index
+    predicted = stored_predictions(index, "dev", index.head)
+    flat = [tag for tags in predicted for tag in tags]
+    assert flat == [index.labels[i] for i in index["dev_predictions"]]
+    assert stored_predictions(index, "dev", index.head, sentences=[2, 0]) == [predicted[2], predicted[0]]

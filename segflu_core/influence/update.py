@@ -10,7 +10,7 @@ features, the head and the Hessian factor stay as they are: the Hessian of the
 CRF loss is the Hessian of ``log Z``, which does not depend on the labels.
 
 Each changed array is written to a temporary file in the index folder and
-moved over the old file with ``os.replace``; the manifest is replaced last.
+moved over the old file with ``os.replace``. The manifest is replaced last.
 Readers that memory-mapped the old files keep reading the old data.
 """
 
@@ -100,7 +100,11 @@ def stale_sentences(project, index: InfluenceIndex, split: str) -> list[int]:
     return sorted({int(s) for s in np.searchsorted(offsets, changed_words, side="right") - 1})
 
 
-def update_index_sentences(project, split: str, sentences: list[int], *, edits: dict | None = None) -> None:
+# Default of ``update_index_sentences(edits=...)``: keep the edit state recorded in the manifest.
+KEEP_EDITS = object()
+
+
+def update_index_sentences(project, split: str, sentences: list[int], *, edits=KEEP_EDITS) -> None:
     """Recompute the label-dependent index arrays of some sentences from their current gold labels.
 
     Parameters
@@ -113,10 +117,10 @@ def update_index_sentences(project, split: str, sentences: list[int], *, edits: 
         A split stored in the index.
     sentences : list of int
         0-based sentence positions of the split to recompute.
-    edits : dict or None
+    edits : dict or None, optional
         The edit state to record in the manifest (see
-        :func:`segflu_core.influence.index.edits_signature`); ``None`` keeps the
-        recorded one.
+        :func:`segflu_core.influence.index.edits_signature`). By default the
+        recorded one stays.
     """
     folder = Path(project.path) / INDEX_FOLDER
     with UPDATE_LOCK:
@@ -225,7 +229,7 @@ def replaced_spans(index: InfluenceIndex, chosen: np.ndarray, terms: dict[str, n
     return arrays
 
 
-def updated_manifest(index: InfluenceIndex, split: str, arrays: dict[str, np.ndarray], sentences: list, edits: dict | None) -> dict:
+def updated_manifest(index: InfluenceIndex, split: str, arrays: dict[str, np.ndarray], sentences: list, edits) -> dict:
     """Return the manifest after the update: array shapes, span count, label digest and edit state."""
     manifest = json.loads(json.dumps(index.manifest))
     for name, array in arrays.items():
@@ -234,7 +238,7 @@ def updated_manifest(index: InfluenceIndex, split: str, arrays: dict[str, np.nda
         manifest["train_spans"] = int(len(arrays["train_span_start"]))
     entry = manifest["splits"][split]
     entry["sha256"] = corpus_digest(indexed_sentences(sentences, arrays[f"{split}_gold"], index))
-    if edits is not None or "edits" in entry:
+    if edits is not KEEP_EDITS:
         entry["edits"] = edits
     return manifest
 
