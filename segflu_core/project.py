@@ -4,6 +4,10 @@
 (relative to the project folder) with the settings to read it. The corpora
 are read on first use, the tagger is loaded on first use, and the index
 arrays are memory-mapped on first use, so opening a project is cheap.
+
+Gold labels are those of the data files with the active label edits of
+``edits.sqlite`` applied. Opening the index recomputes in place the sentences
+whose labels changed since it was built or last updated.
 """
 
 from __future__ import annotations
