@@ -90,12 +90,12 @@ def write_edited_copy(project: Project, folder: Path) -> Project:
 def projects(tiny_encoder, tmp_path_factory) -> EditedProjects:
     root = tmp_path_factory.mktemp("update")
     edited = Project.load(write_tiny_project(root / "edited", tiny_encoder, train=30), device="cpu")
-    build_index(edited, chunk_sentences=7, progress=False)
+    build_index(edited, hessian=True, chunk_sentences=7, progress=False)
     before, before_manifest = load_arrays(edited.path / "index")
     changed = make_edits(edited)
     updated = edited.apply_edits()
     fresh = write_edited_copy(edited, root / "fresh")
-    build_index(fresh, chunk_sentences=7, progress=False)
+    build_index(fresh, hessian=True, chunk_sentences=7, progress=False)
     return EditedProjects(edited, fresh, before, before_manifest, changed, updated)
 
 
