@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from segflu_core.edits import EditStore
+from segflu_core.errors import ProjectError
 from segflu_core.influence.index import build_index
 from segflu_core.influence.update import update_index_sentences
 from segflu_core.project import EDITS_FILE, Project
@@ -242,3 +243,16 @@ def test_update_of_unchanged_sentence_keeps_arrays(projects):
     after, _manifest = load_arrays(folder)
     for name in before:
         assert_arrays_close(after[name], before[name], name)
+
+
+def test_unwritable_index_raises_project_error(projects, tmp_path, monkeypatch):
+    copy = Project.load(shutil.copytree(projects.edited.path, tmp_path / "copy"), device="cpu")
+    store = EditStore(copy.path / EDITS_FILE)
+    store.relabel("train", 1, 0, 1, "ORG", current_tags=copy.sentence("train", 1).tags)
+
+    def fail(*_args, **_kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr("segflu_core.influence.update.replace_arrays", fail)
+    with pytest.raises(ProjectError, match="updating the index for the train label edits failed"):
+        copy.apply_edits()

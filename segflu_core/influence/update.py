@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from segflu_core.errors import ProjectError
 from segflu_core.influence.index import (
     DEFAULT_CHUNK_SENTENCES,
     INDEX_FOLDER,
@@ -81,7 +82,14 @@ def sync_edits(project, index: InfluenceIndex) -> dict[str, list[int]]:
             if on_disk.manifest["splits"][split].get("edits") == signature:
                 continue
             stale = stale_sentences(project, on_disk, split)
-            update_index_sentences(project, split, stale, edits=signature)
+            try:
+                update_index_sentences(project, split, stale, edits=signature)
+            except OSError as error:
+                logger.error("updating %s for the %s label edits failed: %s", index.folder, split, error)
+                raise ProjectError(
+                    f"{index.folder}: updating the index for the {split} label edits failed ({error}); "
+                    f"make the folder writable, or rebuild the index with `segflu index {project.path}`"
+                ) from error
         updated[split] = stale
     return updated
 
