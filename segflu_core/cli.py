@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     command = importlib.import_module(f"segflu_core.commands.{args._module}")
     try:
         return int(command.run(args) or 0)
-    except SegfluError as error:
+    except (SegfluError, ValueError) as error:
+        # Core functions raise ValueError for invalid arguments, such as a
+        # sentence index out of range; the message says what was expected.
         logger.debug("command %s failed", args.command, exc_info=True)
         print(f"segflu {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from segflu_core.errors import ConllFormatError, TagSchemeError
+from segflu_core.errors import ConllFormatError, OutputPathError, TagSchemeError
 from segflu_core.schemes import (
     SCHEMES,
     convert_tags,
@@ -218,6 +218,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     existing file keeps its permission bits.
     """
     path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputPathError(f"{path}: folder {path.parent} not found; create it first or choose another output path")
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:

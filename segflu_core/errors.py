@@ -67,3 +67,7 @@ class ExportTargetExistsError(SegfluError, FileExistsError):
 
 class ReproductionDataError(SegfluError):
     """A corpus that a ``segflu reproduce`` experiment reads is missing."""
+
+
+class OutputPathError(SegfluError, FileNotFoundError):
+    """An output file cannot be written where it was asked for, such as in a missing folder."""

@@ -247,7 +247,8 @@ def check_export_path(
         allowed = ", ".join(str(root) for root in roots)
         raise UnsafePathError(
             f"{out_path}: export path resolves to {target}, which is outside the allowed folders ({allowed}); "
-            "choose a file inside one of them"
+            "choose a file inside one of them, or allow its folder (segflu export --allow-dir DIR, "
+            "or allowed_dirs in Python)"
         )
     if _is_project_bookkeeping(target, project_dir):
         raise UnsafePathError(f"{out_path}: {target} stores the project's state; choose another file name")
@@ -259,8 +260,8 @@ def check_export_path(
         config = load_project_config(project_dir)
         what = _protected_files(config, project_dir).get(target, "an existing file")
         raise ExportTargetExistsError(
-            f"{target} is {what}; pass overwrite=True (segflu export --overwrite) to replace it, "
-            "or choose another file"
+            f"{target} is {what}; choose another file, or replace it with segflu export --overwrite "
+            "(overwrite=True in Python)"
         )
     return target
 

@@ -440,7 +440,21 @@ class Project:
         validation = None
         if method in noise.VALIDATION_METHODS:
             validation = self.clean_validation(clean_docs)
-        return noise.rank_documents(self.index, self.sentences("train"), method, validation=validation, aggregate=aggregate)
+        train = self.sentences("train")
+        if len(self.documents("train")) == 1 and len(train) > 1:
+            # Without -DOCSTART- lines the whole file is one document, which
+            # ranks nothing, so each sentence (a tweet, say) counts as one.
+            train = [dataclasses.replace(sentence, doc=position) for position, sentence in enumerate(train)]
+        return noise.rank_documents(self.index, train, method, validation=validation, aggregate=aggregate)
+
+    def documents(self, split: str) -> list[list[int]]:
+        """Return the sentence positions of each document of a split.
+
+        A file without ``-DOCSTART-`` lines is one document in the corpus;
+        noise ranking and the default clean validation set then use each
+        sentence as a document of its own.
+        """
+        return self.corpus(split).documents
 
 
     def clean_validation(self, clean_docs=None):
@@ -448,7 +462,9 @@ class Project:
         from segflu_core.influence import noise
 
         if clean_docs is None or not isinstance(clean_docs, (str, os.PathLike)):
-            documents = self.corpus("dev").documents
+            documents = self.documents("dev")
+            if len(documents) == 1 and len(documents[0]) > 1:
+                documents = [[position] for position in documents[0]]
             chosen = range(min(DEFAULT_CLEAN_DOCUMENTS, len(documents))) if clean_docs is None else list(clean_docs)
             for doc in chosen:
                 if not 0 <= doc < len(documents):

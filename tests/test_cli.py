@@ -57,3 +57,28 @@ def test_help_lists_every_command(capsys):
     output = capsys.readouterr().out
     for name in cli.COMMANDS:
         assert name in output
+
+
+def test_invalid_argument_exits_without_traceback(tmp_path, capsys):
+    from tests.synthetic import make_corpus, write_conll
+
+    source = write_conll(tmp_path / "small.conll", make_corpus(3, seed=5))
+    assert cli.main(["convert", str(source), str(tmp_path / "missing" / "out.conll")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("segflu convert: error:")
+    assert str(tmp_path / "missing" / "out.conll") in error
+    assert "not found" in error
+    assert ".tmp" not in error
+
+
+def test_convert_writes_jsonl_for_jsonl_suffix(tmp_path):
+    import json
+
+    from tests.synthetic import make_corpus, write_conll
+
+    sentences = make_corpus(4, seed=6)
+    source = write_conll(tmp_path / "small.conll", sentences)
+    assert cli.main(["convert", str(source), str(tmp_path / "small.jsonl")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "small.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [record["tokens"] for record in records] == [tokens for tokens, _ in sentences]
+    assert [record["ner_tags"] for record in records] == [tags for _, tags in sentences]

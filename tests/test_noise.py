@@ -155,3 +155,30 @@ def test_invalid_options_rejected(indexed_project):
         indexed_project.rank_noise("word-loss", aggregate="sum")
     with pytest.raises(ValueError, match="dev document indices"):
         indexed_project.rank_noise("nn", clean_docs=[10_000])
+
+
+def test_file_without_docstart_ranks_sentences(tiny_encoder, tmp_path):
+    from segflu_core.influence.index import build_index
+    from segflu_core.project import Project
+    from tests.synthetic import make_corpus, write_conll
+    from tests.test_index import write_tiny_project
+
+    folder = write_tiny_project(tmp_path / "tweets", tiny_encoder, train=15)
+    write_conll(folder / "data" / "train.conll", make_corpus(15, seed=1))
+    write_conll(folder / "data" / "dev.conll", make_corpus(12, seed=2))
+    project = Project.load(folder, device="cpu")
+    build_index(project, progress=False)
+    assert len(project.documents("train")) == 1
+
+    ranking = project.rank_noise("word-loss", aggregate="max")
+    assert sorted(ranking.doc) == list(range(15))
+    assert all(list(row.sentences) == [row.doc] for row in ranking.itertuples())
+    word_loss = np.asarray(project.index["train_word_loss"])
+    sentence_ids = np.asarray(project.index["train_sentence_ids"])
+    expected = {sentence: word_loss[sentence_ids == sentence].max() for sentence in range(15)}
+    for row in ranking.itertuples():
+        assert row.score == pytest.approx(expected[row.doc], rel=1e-6)
+
+    validation = project.clean_validation()
+    dev_words = sum(len(sentence.tokens) for sentence in project.sentences("dev")[:DEFAULT_CLEAN_DOCUMENTS])
+    assert len(validation.gold) == dev_words

@@ -1,7 +1,8 @@
 """``segflu convert INPUT OUTPUT``: convert a corpus between tag schemes and formats.
 
 The output keeps the input's format and scheme unless ``--format`` or
-``--scheme`` is given. A CoNLL file written as CoNLL keeps all columns and
+``--scheme`` is given, except that an output path ending in ``.jsonl`` or
+``.json`` is written as JSON Lines. A CoNLL file written as CoNLL keeps all columns and
 lines, and only the tag column changes.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from segflu_core.conll import FORMATS, PLAIN, read_corpus
 from segflu_core.schemes import SCHEMES
@@ -21,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheme", choices=SCHEMES, default=None, help="tag scheme to write (default: the input's)")
     parser.add_argument(
         "--format", choices=("conll", "jsonl"), default=None,
-        help="output format (default: the input's; Hugging Face input needs conll or jsonl)",
+        help="output format (default: jsonl for a .jsonl or .json output path, else the input's format; Hugging Face input becomes jsonl)",
     )
     parser.add_argument("--input-format", choices=FORMATS, default=None, help="input format (default: from the path)")
     parser.add_argument(
@@ -33,13 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repair", action="store_true", help="repair invalid tag sequences instead of keeping them")
 
 
+def format_from_suffix(path: str) -> str | None:
+    """Return ``"jsonl"`` for a ``.jsonl`` or ``.json`` output path, else ``None`` (keep the input's format)."""
+    return "jsonl" if Path(path).suffix.lower() in (".jsonl", ".json") else None
+
+
 def run(args: argparse.Namespace) -> int:
     """Read the input, write it in the requested scheme and format, and report invalid sequences."""
     corpus = read_corpus(
         args.input, format=args.input_format, tag_column=args.tag_column, encoding=args.encoding,
         scheme=args.input_scheme, repair=args.repair, split=args.split,
     )
-    output_format = args.format or ("jsonl" if corpus.format == "hf" else corpus.format)
+    output_format = args.format or format_from_suffix(args.output) or ("jsonl" if corpus.format == "hf" else corpus.format)
     corpus.write(args.output, format=output_format, scheme=args.scheme)
     target = args.scheme or corpus.scheme
     print(f"wrote {len(corpus.sentences)} sentences to {args.output} ({output_format}, {target})")

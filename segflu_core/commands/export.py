@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=EXPORT_FORMATS,
         default=None,
-        help="output format; spacy writes a DocBin (default: the format of the split's file)",
+        help="output format; spacy writes a DocBin (default: from the suffix .jsonl, .json or .spacy, else the format of the split's file)",
     )
     parser.add_argument("--split", default="train", help="split to export (default: train)")
     parser.add_argument(
@@ -62,6 +62,11 @@ def _print_summary(summary: ExportSummary) -> None:
         print(f"{entity_type:<12}{before:>10}{after:>10}")
 
 
+def format_from_suffix(path: str) -> str | None:
+    """Return the export format an output path's suffix names (.jsonl, .json, .spacy), else ``None``."""
+    return {".jsonl": "jsonl", ".json": "jsonl", ".spacy": "spacy"}.get(Path(path).suffix.lower())
+
+
 def run(args: argparse.Namespace) -> int:
     """Export the corrected split, print what changed and return the exit code."""
     try:
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             args.project,
             args.out,
             split=args.split,
-            format=args.format,
+            format=args.format or format_from_suffix(args.out),
             overwrite=args.overwrite,
             allowed_dirs=_allowed_dirs(args),
         )

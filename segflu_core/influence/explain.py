@@ -126,6 +126,9 @@ def emission_terms(query: HeadParams, features: np.ndarray, residuals: np.ndarra
     float64, and that product dominates a query. ``neighbour_terms`` (N, C)
     optionally adds each word's transition part ``t_u``.
     """
+    # NOTE: this product reads every training feature on every query, about
+    # 36 ms for CoNLL-2003's 203,621 words on a 2-core CPU. Ordering words by
+    # ‖r_u‖·‖h_u‖, which bounds |score|, could stop early with the same top-k.
     # shape: (N, C)
     projected = features @ query.weight.T.astype(np.float32)
     projected += query.bias.astype(np.float32)
