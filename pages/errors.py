@@ -95,24 +95,37 @@ def main() -> None:
         width="stretch",
     )
     if filtered.empty:
+        st.info("No mispredicted entity matches these filters. Clear or change a filter to see more.")
         st.stop()
 
-    # A row selected in the table becomes the choice of the selection box,
-    # which also works where the table cannot be clicked.
-    selected_rows = list(event.selection.rows) if event is not None else []
-    if selected_rows and selected_rows != st.session_state.get("errors_last_selection"):
-        st.session_state["errors_choice"] = selected_rows[0]
-    st.session_state["errors_last_selection"] = selected_rows
-    if st.session_state.get("errors_choice", 0) >= len(filtered):
-        st.session_state["errors_choice"] = 0
-    position = st.selectbox(
+    choices = [(split, int(row)) for row in filtered.index]
+    choose_error(choices, list(event.selection.rows) if event is not None else [])
+    choice = st.selectbox(
         "Error to explain",
-        range(len(filtered)),
-        format_func=lambda i: describe_error(filtered.iloc[i]),
+        choices,
+        format_func=lambda key: describe_error(errors.loc[key[1]]),
         key="errors_choice",
     )
     if st.button("Explain this error", type="primary", key="errors_explain"):
-        open_in_explain(split, filtered.iloc[position])
+        open_in_explain(split, errors.loc[choice[1]])
+
+
+def choose_error(choices: list[tuple[str, int]], selected_rows: list[int]) -> None:
+    """Set the selection box's choice before it is drawn: a newly selected table row, else the kept choice.
+
+    Choices are ``(split, row label of the errors table)``, so a choice
+    follows its error while the filters change. A choice that is no longer
+    in ``choices`` falls back to the first one. That covers a split change,
+    and the option text that a browser sends back after the options changed,
+    which arrives as a plain string.
+    """
+    # The table selection contains positions in the filtered table, and the
+    # browser may keep a selection from before the filters changed.
+    if selected_rows and selected_rows != st.session_state.get("errors_last_selection") and selected_rows[0] < len(choices):
+        st.session_state["errors_choice"] = choices[selected_rows[0]]
+    st.session_state["errors_last_selection"] = selected_rows
+    if st.session_state.get("errors_choice") not in choices:
+        st.session_state["errors_choice"] = choices[0]
 
 
 if __name__ == "__main__":

@@ -92,6 +92,64 @@ def test_errors_filter_by_kind(tiny_project):
     assert set(shown["kind"]) == {kinds[0]}
 
 
+def send_option_text(at: AppTest, key: str, text: str) -> None:
+    """Make the selectbox ``key`` send ``text`` on the next run, as a browser does with an option text it still shows."""
+    selectbox = at.selectbox(key=key)
+    selectbox.options.append(text)
+    selectbox.set_value(text)
+
+
+def test_errors_choice_survives_split_change(tiny_project):
+    at = open_app(tiny_project, "pages/errors.py")
+    dev_text = at.selectbox(key="errors_choice").options[0]
+    at.radio(key="errors_split").set_value("test").run()
+    # The browser keeps sending the dev option text after the options changed.
+    send_option_text(at, "errors_choice", dev_text)
+
+    at.text_input(key="errors_text").input("Lisbon").run()
+
+    assert not at.exception
+    table = at.dataframe[0].value
+    first = table.iloc[0]
+    assert set(table["text"]) == {"Lisbon"}
+    assert at.selectbox(key="errors_choice").value == ("test", int(table.index[0]))
+    assert at.selectbox(key="errors_choice").proto.raw_value.startswith(f"sentence {first['sentence']}, tokens {first['start']}-{first['end']}:")
+
+
+def test_errors_choice_follows_filter(tiny_project):
+    at = open_app(tiny_project, "pages/errors.py")
+    at.radio(key="errors_split").set_value("test").run()
+    errors = Project.load(tiny_project).errors("test").reset_index(drop=True)
+    lisbon = errors.index[errors["text"] == "Lisbon"]
+    madrid = errors.index[errors["text"] == "Madrid"]
+    assert len(lisbon) > 1, "the tiny project must miss Lisbon at least twice on test"
+    assert len(madrid) > 0, "the tiny project must miss Madrid on test"
+
+    at.selectbox(key="errors_choice").set_value(("test", int(lisbon[1]))).run()
+    at.text_input(key="errors_text").input("lisbon").run()
+
+    assert not at.exception
+    assert at.selectbox(key="errors_choice").value == ("test", int(lisbon[1]))
+
+    at.text_input(key="errors_text").input("").run()
+    at.selectbox(key="errors_choice").set_value(("test", int(madrid[0]))).run()
+    at.text_input(key="errors_text").input("lisbon").run()
+
+    assert not at.exception
+    assert at.selectbox(key="errors_choice").value == ("test", int(lisbon[0]))
+
+
+def test_errors_filter_without_match(tiny_project):
+    at = open_app(tiny_project, "pages/errors.py")
+    at.radio(key="errors_split").set_value("test").run()
+
+    at.text_input(key="errors_text").input("@").run()
+
+    assert not at.exception
+    assert any("No mispredicted entity matches" in element.value for element in at.info)
+    assert len(at.selectbox) == 0
+
+
 def test_errors_button_opens_explain(tiny_project):
     at = open_app(tiny_project, "pages/errors.py")
 
