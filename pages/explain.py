@@ -115,19 +115,26 @@ def requested_span(split: str | None, sentence: int | None, num_tokens: int) -> 
     return request["start"], request["end"]
 
 
-def choose_span(tokens: list[str], gold: list, predicted: list, *, requested: tuple[int, int] | None = None) -> tuple[int, int] | None:
+def choose_span(
+    tokens: list[str], gold: list, predicted: list, *, sentence_key: tuple, requested: tuple[int, int] | None = None
+) -> tuple[int, int] | None:
     """Let the user pick an entity of the sentence, or any word range, and return ``(start, end)``.
 
-    ``requested`` is offered, and chosen when nothing valid is chosen yet,
-    even where it is neither a gold nor a predicted entity.
+    ``sentence_key`` identifies the sentence shown. When it differs from the
+    previous run's, the choice resets to ``requested``, else to the first
+    entity, else to the custom range. ``requested`` is offered even where it
+    is neither a gold nor a predicted entity.
     """
     options = span_options(gold, predicted)
     if requested is not None and requested not in options:
         options[requested] = f"[{requested[0]}, {requested[1]}) selected range"
     options[CUSTOM_RANGE] = "another word range ..."
     keys = list(options)
-    # A choice left from another sentence is replaced before the widget is drawn.
-    if st.session_state.get("explain_span") not in keys:
+    # The custom range is an option of every sentence, so a choice is reset
+    # on a new sentence even when it is still among the options.
+    new_sentence = st.session_state.get("explain_span_sentence") != sentence_key
+    st.session_state["explain_span_sentence"] = sentence_key
+    if new_sentence or st.session_state.get("explain_span") not in keys:
         st.session_state["explain_span"] = requested if requested is not None else keys[0]
     chosen = st.selectbox(
         "Entity to explain",
@@ -184,7 +191,8 @@ def query_from_data(project: Any, project_dir: Any) -> dict | None:
         st.error(f"{split} sentence {sentence} cannot be shown: {error}")
         return None
     gold, predicted = common.spans_of(gold_tags), common.spans_of(predicted_tags)
-    span = choose_span(tokens, gold, predicted, requested=requested_span(split, sentence, len(tokens)))
+    requested = requested_span(split, sentence, len(tokens))
+    span = choose_span(tokens, gold, predicted, sentence_key=("data", split, sentence), requested=requested)
     st.markdown(render.sentence_html(tokens, gold, predicted, focus=span), unsafe_allow_html=True)
     if span is None:
         return None
@@ -204,7 +212,7 @@ def query_from_text(project: Any, project_dir: Any) -> dict | None:
         common.show_error(error)
         return None
     predicted = common.spans_of(predicted_tags)
-    span = choose_span(tokens, [], predicted)
+    span = choose_span(tokens, [], predicted, sentence_key=("text", tuple(tokens)))
     st.markdown(render.sentence_html(tokens, None, predicted, focus=span), unsafe_allow_html=True)
     if span is None:
         return None

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+import pages
 from pages import safe_child
 from segflu_core.edits import EditStore
 from segflu_core.errors import UnsafePathError
@@ -193,6 +194,23 @@ def test_explain_nearest_neighbours(tiny_project):
     items = [element.value for element in at.markdown if "segflu-item" in element.value]
     assert len(items) == len(expected)
     assert any(header.value == "Nearest training items" for header in at.subheader)
+
+
+def test_explain_span_resets_per_sentence(tiny_project):
+    project = Project.load(tiny_project)
+    number = 3
+    entities = pages.spans_of(list(project.sentence("dev", number).tags)) + pages.spans_of(project.predicted_tags("dev")[number])
+    assert entities, f"dev sentence {number} of the tiny project must have an entity"
+    first_entity = min((start, end) for start, end, _label in entities)
+    at = open_app(tiny_project, "pages/explain.py")
+    # A sentence without entities offers only the custom range, which stays an option of every sentence.
+    at.selectbox(key="explain_span").set_value(("custom", "custom")).run()
+
+    at.number_input(key="explain_sentence").set_value(number).run()
+
+    assert not at.exception
+    assert at.selectbox(key="explain_span").value == first_entity
+    assert at.selectbox(key="explain_span").proto.set_value
 
 
 def test_explain_escapes_hostile_tokens(tiny_project):
