@@ -19,7 +19,14 @@ METHODS = {
     "nn-cosine": "nearest neighbours (cosine)",
 }
 GRANULARITIES = ("word", "span", "sentence")
-LABEL_FILTERS = {None: "all training items", "same": "same label only", "different": "different label only"}
+# Label filter choices. "all" is passed on as ``label_filter=None``, because
+# Streamlit shows a selectbox whose value is None as having no selection.
+LABEL_FILTERS = {"all": "all training items", "same": "same label only", "different": "different label only"}
+# Streamlit's persist_state scope for the explanation controls (Streamlit
+# 1.67). With "session" a control keeps its value while hidden, for example
+# while no free-text sentence is typed, and is redrawn with that value.
+# Without it the browser redraws the default while the server keeps the value.
+KEEP_CONTROLS = "session"
 SPLITS = ("dev", "test", "train")
 # The entity choice that opens inputs for any word range.
 CUSTOM_RANGE = ("custom", "custom")
@@ -158,13 +165,22 @@ def read_options(*, free_text: bool) -> dict:
     columns = st.columns(3)
     options: dict[str, Any] = {}
     if not free_text:
-        options["labels"] = columns[0].radio("Explain the", ("predicted", "gold"), format_func=lambda x: f"{x} labels", key="explain_labels")
-    options["method"] = columns[1].selectbox("Method", list(METHODS), format_func=METHODS.get, key="explain_method")
-    options["granularity"] = columns[2].selectbox("Training items", GRANULARITIES, format_func=lambda x: f"{x}s", key="explain_granularity")
+        options["labels"] = columns[0].radio(
+            "Explain the", ("predicted", "gold"), format_func=lambda x: f"{x} labels", key="explain_labels", persist_state=KEEP_CONTROLS
+        )
+    options["method"] = columns[1].selectbox("Method", list(METHODS), format_func=METHODS.get, key="explain_method", persist_state=KEEP_CONTROLS)
+    options["granularity"] = columns[2].selectbox(
+        "Training items", GRANULARITIES, format_func=lambda x: f"{x}s", key="explain_granularity", persist_state=KEEP_CONTROLS
+    )
     columns = st.columns(3)
-    options["hessian"] = columns[0].toggle("Inverse Hessian", value=False, key="explain_hessian", disabled=options["method"].startswith("nn-"))
-    options["label_filter"] = columns[1].selectbox("Label filter", list(LABEL_FILTERS), format_func=LABEL_FILTERS.get, key="explain_label_filter")
-    options["top_k"] = int(columns[2].slider("Items per list (top k)", 1, 100, 20, key="explain_top_k"))
+    options["hessian"] = columns[0].toggle(
+        "Inverse Hessian", value=False, key="explain_hessian", disabled=options["method"].startswith("nn-"), persist_state=KEEP_CONTROLS
+    )
+    label_filter = columns[1].selectbox(
+        "Label filter", list(LABEL_FILTERS), format_func=LABEL_FILTERS.get, key="explain_label_filter", persist_state=KEEP_CONTROLS
+    )
+    options["label_filter"] = None if label_filter == "all" else label_filter
+    options["top_k"] = int(columns[2].slider("Items per list (top k)", 1, 100, 20, key="explain_top_k", persist_state=KEEP_CONTROLS))
     return options
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 import pages
 from pages import safe_child
+from pages.explain import METHODS
 from segflu_core.edits import EditStore
 from segflu_core.errors import UnsafePathError
 from segflu_core.project import Project
@@ -237,6 +239,41 @@ def test_explain_free_text(tiny_project):
         assert word in sentence
     assert ">gold<" not in sentence
     assert any(header.value.startswith("Supporting") or header.value == "Nearest training items" for header in at.subheader)
+
+
+def shown_option(at: AppTest, key: str) -> str:
+    """Return the option text that a browser shows for a selectbox drawn anew in the last run."""
+    proto = at.selectbox(key=key).proto
+    if proto.set_value:
+        return proto.raw_value
+    if proto.HasField("default"):
+        return proto.options[proto.default]
+    return proto.placeholder
+
+
+def test_explain_free_text_controls_match_call(tiny_project):
+    calls = []
+    explain_tokens = Project.explain_tokens
+
+    def record_call(self, tokens, start, end, **options):
+        calls.append(options)
+        return explain_tokens(self, tokens, start, end, **options)
+
+    with mock.patch.object(Project, "explain_tokens", record_call):
+        at = explain_at(open_app(tiny_project), first_error(tiny_project))
+        at.selectbox(key="explain_granularity").set_value("span").run()
+        # The controls are hidden while no sentence is typed, then drawn again.
+        at.radio(key="explain_source").set_value("text").run()
+        at.text_area(key="explain_text").input("Mary visited Paris on monday .").run()
+
+    assert not at.exception
+    assert len(calls) == 1
+    options = calls[0]
+    assert shown_option(at, "explain_granularity") == f"{options['granularity']}s"
+    assert options["granularity"] == "span"
+    assert shown_option(at, "explain_label_filter") == "all training items"
+    assert options["label_filter"] is None
+    assert shown_option(at, "explain_method") == METHODS[options["method"]]
 
 
 def test_relabel_saves_and_undoes(project_copy):
