@@ -379,6 +379,25 @@ def item_caption(items: pd.DataFrame, position: int) -> str:
     )
 
 
+def choose_item(items: pd.DataFrame) -> int:
+    """Let the user pick a shown training item and return its position in ``items``.
+
+    Choices are ``(role, sentence, start, end)``, so a choice follows its item
+    when a save reorders the lists, and falls back to the first item when the
+    item is no longer shown.
+    """
+    keys = [(str(row.role), int(row.sentence), int(row.start), int(row.end)) for row in items.itertuples()]
+    chosen = st.session_state.get("explain_relabel_item")
+    # Assigning the choice on every run makes Streamlit send its caption again.
+    # Otherwise the browser keeps the caption from before a save changed the
+    # item's gold label.
+    st.session_state["explain_relabel_item"] = chosen if chosen in keys else keys[0]
+    choice = st.selectbox(
+        "Item to relabel", keys, format_func=lambda key: item_caption(items, keys.index(key)), key="explain_relabel_item"
+    )
+    return keys.index(choice)
+
+
 def choose_range(num_tokens: int, row: pd.Series) -> tuple[int, int]:
     """Return the word range to relabel, by default the item's own range."""
     # The inputs are keyed by the item, so choosing another item resets them.
@@ -440,7 +459,7 @@ def relabel_panel(project: Any, project_dir: Path, items: pd.DataFrame, *, origi
         st.caption("No training items to relabel.")
         return
     try:
-        position = st.selectbox("Item to relabel", range(len(items)), format_func=lambda i: item_caption(items, i), key="explain_relabel_item")
+        position = choose_item(items)
         row = items.iloc[position]
         sentence = int(row["sentence"])
         tokens, _file_tags = common.sentence_tokens_tags(project, "train", sentence)

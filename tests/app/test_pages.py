@@ -286,7 +286,7 @@ def test_relabel_saves_and_undoes(project_copy):
     tags = list(project.sentence("train", int(item["sentence"])).tags)
     new_label = "LOC" if item["gold"].endswith("ORG") else "ORG"
 
-    at.selectbox(key="explain_relabel_item").set_value(0).run()
+    at.selectbox(key="explain_relabel_item").set_value(("supporting", int(item["sentence"]), int(item["start"]), int(item["end"]))).run()
     at.selectbox(key="explain_relabel_label").set_value(new_label).run()
     at.button(key="explain_relabel_save").click().run()
 
@@ -302,6 +302,33 @@ def test_relabel_saves_and_undoes(project_copy):
 
     assert not at.exception
     assert EditStore(project_copy / "edits.sqlite").edits() == []
+
+
+def test_relabel_shows_saved_label(project_copy):
+    target = first_error(project_copy)
+    neighbours = Project.load(project_copy).explain(
+        target["split"], target["sentence"], target["start"], target["end"], labels=target["labels"], method="nn-dot"
+    )
+    first = neighbours.iloc[0]
+    new_label = "LOC" if first["gold"].endswith("ORG") else "ORG"
+    at = explain_at(open_app(project_copy), target)
+    # Nearest neighbours do not depend on labels, so the relabelled item stays first.
+    at.selectbox(key="explain_method").set_value("nn-dot").run()
+    choice = at.selectbox(key="explain_relabel_item")
+    caption_before = choice.options[choice.index]
+    at.selectbox(key="explain_relabel_label").set_value(new_label).run()
+
+    at.button(key="explain_relabel_save").click().run()
+
+    assert not at.exception
+    assert any("Saved edit" in element.value for element in at.success)
+    proto = at.selectbox(key="explain_relabel_item").proto
+    # The browser keeps showing its caption unless the server sends a new one.
+    caption_shown = proto.raw_value if proto.set_value else caption_before
+    assert f"(train sentence {first['sentence']}, tokens [{first['start']}, {first['end']})" in caption_shown
+    assert caption_shown.endswith(f"gold B-{new_label})")
+    items = [element.value for element in at.markdown if "segflu-item" in element.value]
+    assert any(f"#1 train sentence {first['sentence']}, doc" in item and f"gold B-{new_label}" in item for item in items)
 
 
 def test_review_page_summarizes_edits(project_copy):
