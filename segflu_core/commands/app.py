@@ -25,11 +25,14 @@ PROJECT_ENV = "SEGFLU_PROJECT"
 # Options that segflu sets unless the user passes the same option. The server
 # listens on the loopback interface only, because the app can read and write
 # files on this machine. Uploads are limited to 50 MB, since a training file
-# is parsed in memory.
+# is parsed in memory. Error boxes show no links to Google or ChatGPT search,
+# which would send the error text to those sites. The repository's
+# .streamlit/config.toml sets the same for `streamlit run app.py`.
 DEFAULT_STREAMLIT_OPTIONS = {
     "--server.address": "127.0.0.1",
     "--server.maxUploadSize": "50",
     "--browser.gatherUsageStats": "false",
+    "--client.showErrorLinks": "false",
 }
 
 

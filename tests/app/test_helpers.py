@@ -104,6 +104,19 @@ def test_streamlit_command_defaults():
     assert options[-2:] == ["--server.port", "8502"]
 
 
+def test_error_links_turned_off():
+    import tomllib
+
+    from streamlit import config as streamlit_config
+
+    command = app_command.streamlit_command([])
+    settings = tomllib.loads((app_command.REPO_ROOT / ".streamlit" / "config.toml").read_text(encoding="utf-8"))
+
+    assert "client.showErrorLinks" in streamlit_config.get_config_options()
+    assert command[command.index("--client.showErrorLinks") + 1] == "false"
+    assert settings["client"]["showErrorLinks"] is False
+
+
 @pytest.mark.parametrize("given", [["--server.address", "0.0.0.0"], ["--server.address=0.0.0.0"]])
 def test_streamlit_command_keeps_user_address(given):
     command = app_command.streamlit_command(given)
