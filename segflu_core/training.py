@@ -154,12 +154,24 @@ def build_optimizer(tagger: Tagger, config: TrainConfig, total_steps: int):
     return optimizer, scheduler
 
 
-def shuffled_batches(num_items: int, batch_size: int, generator: random.Random) -> Iterator[list[int]]:
-    """Yield the indices ``0 .. num_items - 1`` in a random order, ``batch_size`` at a time."""
-    order = list(range(num_items))
+def shuffled_batches(sizes: Sequence[int], batch_size: int, generator: random.Random, *, pool_batches: int = 50) -> Iterator[list[int]]:
+    """Yield every index of ``sizes`` once, in random batches of sentences of similar length.
+
+    The indices are shuffled, cut into pools of ``pool_batches`` batches, and
+    each pool is sorted by sentence length before it is cut into batches; the
+    batches are then shuffled. Padding to the longest sentence of a batch
+    wastes far less encoder work than with fully random batches, while every
+    epoch still sees a different order.
+    """
+    order = list(range(len(sizes)))
     generator.shuffle(order)
-    for start in range(0, num_items, batch_size):
-        yield order[start : start + batch_size]
+    pool_size = batch_size * pool_batches
+    batches = []
+    for first in range(0, len(order), pool_size):
+        pool = sorted(order[first : first + pool_size], key=lambda index: sizes[index])
+        batches.extend(pool[start : start + batch_size] for start in range(0, len(pool), batch_size))
+    generator.shuffle(batches)
+    yield from batches
 
 
 def _optimisation_step(optimizer, scheduler, loss: torch.Tensor, max_grad_norm: float) -> None:
@@ -207,7 +219,7 @@ def _train_epochs(
         tagger.train()
         total_loss, words, started = 0.0, 0, time.perf_counter()
         with tqdm(total=sum(sizes), unit="word", desc=f"epoch {epoch}/{epochs}", disable=not progress) as bar:
-            for batch in shuffled_batches(len(sizes), config.batch_size, generator):
+            for batch in shuffled_batches(sizes, config.batch_size, generator):
                 loss = batch_loss(batch)
                 _optimisation_step(optimizer, scheduler, loss, config.max_grad_norm)
                 batch_words = sum(sizes[index] for index in batch)

@@ -230,3 +230,20 @@ def test_train_help_states_config_defaults():
         name = action.dest
         if name in ("epochs", "head_epochs", "batch_size", "seed"):
             assert f"(default: {getattr(defaults, name)})" in action.help, name
+
+
+def test_shuffled_batches_cover_every_index_once():
+    import random
+
+    from segflu_core.training import shuffled_batches
+
+    sizes = [random.Random(7).randint(1, 60) for _ in range(1000)]
+    batches = list(shuffled_batches(sizes, 16, random.Random(3), pool_batches=10))
+    flat = [index for batch in batches for index in batch]
+    assert sorted(flat) == list(range(1000))
+    assert all(1 <= len(batch) <= 16 for batch in batches)
+    # Sorting within pools keeps the padding small: most batches span a narrow length range.
+    spreads = sorted(max(sizes[i] for i in batch) - min(sizes[i] for i in batch) for batch in batches)
+    assert spreads[len(spreads) // 2] <= 6
+    other_order = [index for batch in shuffled_batches(sizes, 16, random.Random(4), pool_batches=10) for index in batch]
+    assert other_order != flat
