@@ -441,20 +441,25 @@ class Project:
         if method in noise.VALIDATION_METHODS:
             validation = self.clean_validation(clean_docs)
         train = self.sentences("train")
-        if len(self.documents("train")) == 1 and len(train) > 1:
-            # Without -DOCSTART- lines the whole file is one document, which
-            # ranks nothing, so each sentence (a tweet, say) counts as one.
+        documents = self.ranking_documents("train")
+        if len(documents) != len(self.documents("train")):
             train = [dataclasses.replace(sentence, doc=position) for position, sentence in enumerate(train)]
         return noise.rank_documents(self.index, train, method, validation=validation, aggregate=aggregate)
 
     def documents(self, split: str) -> list[list[int]]:
-        """Return the sentence positions of each document of a split.
-
-        A file without ``-DOCSTART-`` lines is one document in the corpus;
-        noise ranking and the default clean validation set then use each
-        sentence as a document of its own.
-        """
+        """Return the sentence positions of each document of a split, as the corpus has them."""
         return self.corpus(split).documents
+
+    def ranking_documents(self, split: str) -> list[list[int]]:
+        """Return the documents that noise ranking and the default clean validation set use.
+
+        A file without ``-DOCSTART-`` lines is one document, which ranks
+        nothing. So each of its sentences (a tweet, say) counts as a document.
+        """
+        documents = self.documents(split)
+        if len(documents) == 1 and len(documents[0]) > 1:
+            return [[position] for position in documents[0]]
+        return documents
 
 
     def clean_validation(self, clean_docs=None):
@@ -462,9 +467,7 @@ class Project:
         from segflu_core.influence import noise
 
         if clean_docs is None or not isinstance(clean_docs, (str, os.PathLike)):
-            documents = self.documents("dev")
-            if len(documents) == 1 and len(documents[0]) > 1:
-                documents = [[position] for position in documents[0]]
+            documents = self.ranking_documents("dev")
             chosen = range(min(DEFAULT_CLEAN_DOCUMENTS, len(documents))) if clean_docs is None else list(clean_docs)
             for doc in chosen:
                 if not 0 <= doc < len(documents):
