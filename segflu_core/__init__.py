@@ -1,6 +1,6 @@
 """segflu: find the training annotations behind a sequence tagger's predictions.
 
-The package holds all logic: CoNLL input and output (:mod:`segflu_core.conll`),
+The package contains all logic: CoNLL input and output (:mod:`segflu_core.conll`),
 tag schemes (:mod:`segflu_core.schemes`), the linear-chain CRF
 (:mod:`segflu_core.crf`), the transformer + CRF tagger
 (:mod:`segflu_core.tagger`) and the influence engine behind

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(command.run(args) or 0)
     except (SegfluError, ValueError) as error:
         # Core functions raise ValueError for invalid arguments, such as a
-        # sentence index out of range; the message says what was expected.
+        # sentence index out of range; the message states what was expected.
         logger.debug("command %s failed", args.command, exc_info=True)
         print(f"segflu {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 Every error that a user can cause and fix derives from :class:`SegfluError`,
 so the command line and the app can catch this one family and show its
 message. Messages name the file, line and offending text where there is one,
-and say what to do next.
+and tell what to do next.
 """
 
 from __future__ import annotations

@@ -216,7 +216,7 @@ class Tagger(nn.Module):
         return result
 
     def enable_feature_cache(self) -> None:
-        """Keep the word features of every sentence that :meth:`word_features` or :meth:`predict` sees.
+        """Keep the word features of every sentence that :meth:`word_features` or :meth:`predict` receives.
 
         A frozen encoder gives a sentence the same features every time, so
         training, evaluation and saving the features run the encoder once per
