@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 logger = logging.getLogger(__name__)
@@ -47,11 +48,32 @@ def scatter_chart(frame: pd.DataFrame, *, x: str, y: str, color: str | None = No
     return (points + diagonal).properties(title=title, width=420, height=420)
 
 
+# Points drawn per line of a curve chart, and rows per chart: Altair refuses to embed more than 5,000 rows.
+CURVE_POINTS = 200
+CHART_ROWS = 4000
+
+
+def thin_curves(frame: pd.DataFrame, x: str, max_points: int = CURVE_POINTS) -> pd.DataFrame:
+    """Keep the rows at no more than ``max_points`` evenly spaced ``x`` values, the first and last included."""
+    values = np.sort(frame[x].unique())
+    if len(values) <= max_points:
+        return frame
+    kept = values[np.unique(np.linspace(0, len(values) - 1, max_points).round().astype(int))]
+    return frame[frame[x].isin(kept)].reset_index(drop=True)
+
+
 def curve_chart(frame: pd.DataFrame, *, x: str, y: str, color: str, facet: str | None = None, title: str = ""):
-    """Line chart of ``y`` against ``x``, one line per ``color`` value, one panel per ``facet`` value."""
+    """Line chart of ``y`` against ``x``, one line per ``color`` value, one panel per ``facet`` value.
+
+    Long curves are drawn at no more than :data:`CURVE_POINTS` evenly spaced
+    ``x`` values, and at fewer when the chart would exceed :data:`CHART_ROWS`
+    rows. The CSV tables keep every point.
+    """
     import altair as alt
 
-    chart = alt.Chart(frame).mark_line().encode(
+    lines = max(1, len(frame.drop_duplicates([color] if facet is None else [color, facet])))
+    thinned = thin_curves(frame, x, max(2, min(CURVE_POINTS, CHART_ROWS // lines)))
+    chart = alt.Chart(thinned).mark_line().encode(
         x=alt.X(f"{x}:Q", title=x), y=alt.Y(f"{y}:Q", title=y), color=alt.Color(f"{color}:N", title=color)
     ).properties(width=360, height=300)
     if facet is not None:
