@@ -51,6 +51,19 @@ def median_ms(call, queries) -> float:
     return statistics.median(timings)
 
 
+class ScannedShare(logging.Handler):
+    """Collect the share of training words that word queries scored before their scan stopped."""
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.shares: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("scored"):
+            scored, total = record.args
+            self.shares.append(scored / total)
+
+
 def naive_gradient_store(index, num_tags: int) -> np.ndarray:
     """Full per-word gradients of the emission weights and bias, ``(N_tok, C·(d+1))`` float32.
 
@@ -106,13 +119,22 @@ def main() -> None:
     queries = list(errors[["sentence", "start", "end"]].itertuples(index=False, name=None))[: args.queries]
     explain = lambda q, **kw: project.explain("test", *q, labels="predicted", **kw)  # noqa: E731
     explain(queries[0])  # first call converts features to float32 and loads arrays
+    scanned = ScannedShare()
+    scan_logger = logging.getLogger("segflu_core.influence.explain")
+    scan_logger.addHandler(scanned)
+    scan_logger.setLevel(logging.DEBUG)
+    scan_logger.propagate = False
     latency = {
         "segment_word": median_ms(lambda q: explain(q), queries),
         "segment_span": median_ms(lambda q: explain(q, granularity="span"), queries),
         "instance": median_ms(lambda q: explain(q, method="instance"), queries),
-        "segment_word_hessian": median_ms(lambda q: explain(q, hessian=True), queries),
-        "nn_cosine": median_ms(lambda q: explain(q, method="nn-cosine"), queries),
     }
+    word_shares, scanned.shares = scanned.shares, []
+    latency["segment_word_hessian"] = median_ms(lambda q: explain(q, hessian=True), queries)
+    hessian_shares = scanned.shares
+    scan_logger.removeHandler(scanned)
+    scan_logger.propagate = True
+    latency["nn_cosine"] = median_ms(lambda q: explain(q, method="nn-cosine"), queries)
 
     store = naive_gradient_store(index, num_tags)
     rng = np.random.default_rng(0)
@@ -141,6 +163,8 @@ def main() -> None:
         "train_index_bytes_per_word": round(train_index_bytes / num_words, 1),
         "full_gradient_bytes_per_word": full_gradient_bytes_per_word,
         "explain_median_ms": {name: round(value, 2) for name, value in latency.items()},
+        "word_query_scored_share_median": round(statistics.median(word_shares), 4),
+        "word_query_scored_share_median_hessian": round(statistics.median(hessian_shares), 4),
         "naive_full_gradient_median_ms": round(naive_ms, 2),
         "queries": len(queries),
         "rank_noise_seconds": rank_seconds,

@@ -9,6 +9,7 @@ starts find it complete and return at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -35,8 +36,20 @@ def is_trained(project_dir: Path) -> bool:
 
 
 def is_indexed(project_dir: Path) -> bool:
-    """Return whether a project folder has a complete influence index."""
-    return (project_dir / "index" / "manifest.json").is_file()
+    """Return whether a project folder has a complete influence index in the current format.
+
+    An index of an older format counts as missing, so the demo rebuilds it
+    after an update instead of failing to open it.
+    """
+    from segflu_core.influence.index import FORMAT_VERSION, MANIFEST_NAME
+
+    manifest = project_dir / "index" / MANIFEST_NAME
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("format_version") == FORMAT_VERSION
+    except (OSError, ValueError):
+        return False
 
 
 def build_index(project_dir: str | os.PathLike, *, progress: bool = True) -> Path:

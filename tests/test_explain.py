@@ -8,7 +8,7 @@ import pytest
 from segflu_core.errors import IndexNotBuiltError
 from segflu_core.influence import explain as explain_module
 from segflu_core.influence.conflicts import ConflictUnits, flag_conflicts
-from segflu_core.influence.index import build_index
+from segflu_core.influence.index import build_index, edge_gradients
 from segflu_core.influence.scores import grouped_scores, segment_gradient, word_scores
 from segflu_core.project import Project, sentence_errors
 from tests.test_index import LABELS, indexed_project, sentence_arrays, write_tiny_project  # noqa: F401
@@ -179,8 +179,7 @@ def test_float32_scores_match_reference_kernels(indexed_project, granularity):
     else:
         prefix = granularity
         ids = index["train_span_ids"] if granularity == "span" else index["train_sentence_ids"]
-        reference = grouped_scores(vector, features, index[f"train_{prefix}_residuals"], ids, index[f"train_{prefix}_transitions"],
-                                   index[f"train_{prefix}_start_gradient"], index[f"train_{prefix}_end_gradient"])
+        reference = grouped_scores(vector, features, index[f"train_{prefix}_residuals"], ids, *edge_gradients(index, granularity))
     scale = np.abs(reference).max()
     np.testing.assert_allclose(scores, reference, atol=1e-5 * scale)
 
@@ -344,3 +343,98 @@ def test_artifact_found_by_top_supporting_word(tiny_encoder, tmp_path):
         queries += 1
     assert queries >= 30
     assert hits / queries >= 0.95
+
+
+def query_vectors(project):
+    """Query vectors of several dev and test segments, with and without the inverse Hessian."""
+    index = project.index
+    vectors = []
+    for split, sentence, start, end in (("test", 0, 0, 1), ("test", 2, 0, 2), ("dev", 1, 1, 2), ("dev", 3, 0, 1)):
+        for labels in ("gold", "predicted"):
+            query = project.stored_query(split, sentence, start, end, labels=labels)
+            for hessian in (False, True):
+                vectors.append(explain_module.query_vector(index, query, instance=False, hessian=hessian))
+    return vectors
+
+
+def test_score_bound_holds_for_every_word(indexed_project):
+    index = indexed_project.index
+    features = index.features("train").astype(np.float64)
+    residual_norms = np.linalg.norm(np.asarray(index["train_word_residuals"], dtype=np.float64), axis=1)
+    for vector in query_vectors(indexed_project):
+        scores = explain_module.influence_scores(index, vector, "word")
+        sigma, beta = explain_module.score_bound_factors(vector)
+        bound = residual_norms * (sigma * np.linalg.norm(features, axis=1) + beta)
+        assert np.all(np.abs(scores) <= bound * (1 + 1e-5) + 1e-7)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 100_000])
+def test_early_stopping_scan_equals_full_ranking(indexed_project, block):
+    index = indexed_project.index
+    type_of_label = explain_module.neighbors.type_ids(index.labels)
+    word_types = type_of_label[np.asarray(index["train_gold"], dtype=np.int64)]
+    for number, vector in enumerate(query_vectors(indexed_project)):
+        keep = None if number % 3 else word_types == word_types[number % len(word_types)]
+        for top_k in (1, 5):
+            all_scores = explain_module.influence_scores(index, vector, "word")
+            expected_items, expected_roles = explain_module.select_influential(all_scores, top_k, keep)
+            items, roles, scores = explain_module.top_word_influences(index, vector, top_k, keep, block=block)
+            # The tiny corpus repeats words, so equal scores may pick other words of the same score.
+            np.testing.assert_array_equal(roles, expected_roles)
+            np.testing.assert_allclose(scores, all_scores[expected_items], rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(all_scores[items], scores, rtol=1e-5, atol=1e-7)
+            assert len(set(items.tolist())) == len(items)
+            if keep is not None:
+                assert keep[items].all()
+
+
+class ArrayIndex:
+    """The parts of an index that word scoring reads, held in memory."""
+
+    def __init__(self, labels, arrays):
+        self.labels = labels
+        self.arrays = arrays
+        self.derived = {}
+
+    def __getitem__(self, name):
+        return self.arrays[name]
+
+    def features(self, split):
+        return self.arrays[f"{split}_features"]
+
+    def cached(self, name, compute):
+        if name not in self.derived:
+            self.derived[name] = compute()
+        return self.derived[name]
+
+
+def test_scan_skips_words_that_cannot_reach_the_top(caplog):
+    from segflu_core.influence.head import HeadParams
+
+    rng = np.random.default_rng(3)
+    labels = ["O", "B-PER", "I-PER"]
+    num_words, dim = 5000, 6
+    probabilities = rng.dirichlet(np.ones(3), size=num_words)
+    gold = rng.integers(0, 3, size=num_words)
+    residuals = probabilities - np.eye(3)[gold]
+    # Most words are fitted almost exactly, as in a trained tagger.
+    residuals[50:] *= 1e-4
+    index = ArrayIndex(labels, {
+        "train_features": rng.standard_normal((num_words, dim)).astype(np.float32),
+        "train_word_residuals": residuals.astype(np.float32),
+        "train_prev_gold": np.concatenate([[-1], gold[:-1]]),
+        "train_next_gold": np.concatenate([gold[1:], [-1]]),
+    })
+    query = HeadParams(rng.standard_normal((3, dim)), rng.standard_normal(3), rng.standard_normal((3, 3)),
+                       rng.standard_normal(3), rng.standard_normal(3))
+    projected = index.features("train") @ query.weight.T + query.bias
+    codes = explain_module.edge_codes(index, "word")
+    all_scores = -np.einsum("nc,nc->n", projected + explain_module.edge_table(query)[codes], residuals)
+    expected_items, expected_roles = explain_module.select_influential(all_scores, 5)
+    with caplog.at_level("DEBUG", logger="segflu_core.influence.explain"):
+        items, roles, scores = explain_module.top_word_influences(index, query, 5, block=100)
+    np.testing.assert_array_equal(items, expected_items)
+    np.testing.assert_array_equal(roles, expected_roles)
+    np.testing.assert_allclose(scores, all_scores[items], rtol=1e-5)
+    scanned = [record.args[0] for record in caplog.records if record.msg.startswith("scored")]
+    assert scanned and scanned[0] < num_words // 2

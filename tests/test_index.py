@@ -13,7 +13,7 @@ import torch
 from segflu_core import crf
 from segflu_core.errors import IndexNotBuiltError, UnsafePathError
 from segflu_core.influence import index as index_module
-from segflu_core.influence.index import InfluenceIndex, build_index
+from segflu_core.influence.index import InfluenceIndex, build_index, edge_gradients
 from segflu_core.influence.scores import segment_gradient
 from segflu_core.project import Project
 from segflu_core.schemes import label_list
@@ -108,15 +108,22 @@ def test_span_arrays_match_autograd(indexed_project):
     offsets = index["train_sentence_offsets"]
     span_sentence = np.asarray(index["train_span_sentence"])
     multi_word = np.flatnonzero(np.asarray(index["train_span_end"]) - np.asarray(index["train_span_start"]) > 1)
+    np.testing.assert_array_equal(index["train_multiword_spans"], multi_word)
+    assert index["train_span_transitions"].shape[0] == len(multi_word)
+    last_words = np.flatnonzero(np.asarray(index["train_next_gold"]) == -1)
+    ends_sentence = np.flatnonzero(np.isin(np.asarray(index["train_span_ids"])[last_words], multi_word))
+    # Multi-word spans at both sentence edges and one-word spans at the first, second and last position.
     chosen = list(multi_word[:3]) + [0, 1, len(span_sentence) - 1]
-    for span in chosen:
+    chosen += [int(index["train_span_ids"][last_words[ends_sentence[0]]])] if len(ends_sentence) else []
+    transitions, start_gradient, end_gradient = edge_gradients(index, "span", chosen)
+    for row, span in enumerate(chosen):
         sentence = int(span_sentence[span])
         start, end = int(index["train_span_start"][span]), int(index["train_span_end"][span])
         features, labels = sentence_arrays(index, "train", sentence)
         gradient = segment_gradient(features, labels, index.head, start, end)
-        np.testing.assert_allclose(index["train_span_transitions"][span], gradient.transitions, atol=1e-5)
-        np.testing.assert_allclose(index["train_span_start_gradient"][span], gradient.start, atol=1e-5)
-        np.testing.assert_allclose(index["train_span_end_gradient"][span], gradient.end, atol=1e-5)
+        np.testing.assert_allclose(transitions[row], gradient.transitions, atol=1e-5)
+        np.testing.assert_allclose(start_gradient[row], gradient.start, atol=1e-5)
+        np.testing.assert_allclose(end_gradient[row], gradient.end, atol=1e-5)
         rows = slice(offsets[sentence], offsets[sentence + 1])
         residuals = np.asarray(index["train_span_residuals"][rows], dtype=np.float64)
         in_span = (np.asarray(index["train_span_ids"][rows]) == span)[:, None]
@@ -142,12 +149,14 @@ def test_span_residuals_match_segment_conditional(indexed_project):
 def test_sentence_arrays_match_autograd(indexed_project):
     index = indexed_project.index
     offsets = index["train_sentence_offsets"]
-    for sentence in (0, 5, len(offsets) - 2):
+    chosen = [0, 5, len(offsets) - 2]
+    transitions, start_gradient, end_gradient = edge_gradients(index, "sentence", chosen)
+    for row, sentence in enumerate(chosen):
         features, labels = sentence_arrays(index, "train", sentence)
         gradient = segment_gradient(features, labels, index.head, 0, len(labels))
-        np.testing.assert_allclose(index["train_sentence_transitions"][sentence], gradient.transitions, atol=1e-5)
-        np.testing.assert_allclose(index["train_sentence_start_gradient"][sentence], gradient.start, atol=1e-5)
-        np.testing.assert_allclose(index["train_sentence_end_gradient"][sentence], gradient.end, atol=1e-5)
+        np.testing.assert_allclose(transitions[row], gradient.transitions, atol=1e-5)
+        np.testing.assert_allclose(start_gradient[row], gradient.start, atol=1e-5)
+        np.testing.assert_allclose(end_gradient[row], gradient.end, atol=1e-5)
         residuals = np.asarray(index["train_sentence_residuals"][offsets[sentence] : offsets[sentence + 1]], dtype=np.float64)
         np.testing.assert_allclose(residuals.sum(0), gradient.bias, atol=1e-5)
         emissions, tags, mask, parameters = kernel_inputs(index, features, labels)

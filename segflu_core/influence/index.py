@@ -3,8 +3,10 @@
 The index stores what a segment influence query needs, so queries never run
 the encoder. Per word it stores the features, the gold label and its
 neighbours, and the residuals of three losses: the word's own conditional
-loss, its gold span's loss and its sentence's loss. Per training span and
-sentence it stores the explicit transition, start and end gradients. Every array is a
+loss, its gold span's loss and its sentence's loss. Per training sentence
+and per span of two or more words it stores the explicit transition gradient;
+everything else of an item's gradient follows from the per-word arrays (see
+:func:`edge_gradients`). Every array is a
 plain ``.npy`` file that numpy can memory-map; ``docs/index-format.md``
 describes each one.
 
@@ -42,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_FOLDER = "index"
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "dev", "test")
 HEAD_ARRAYS = ("weight", "bias", "transitions", "start", "end")
 DEFAULT_CHUNK_SENTENCES = 256
@@ -197,7 +199,7 @@ def word_terms(batch: Batch) -> dict[str, np.ndarray]:
 
 
 def sentence_terms(batch: Batch) -> dict[str, np.ndarray]:
-    """Compute each sentence's instance loss, residuals and explicit transition, start and end gradients."""
+    """Compute each sentence's instance loss, residuals and explicit transition gradient."""
     emissions, tags, mask = batch.emissions, batch.tags, batch.mask
     num_tags = emissions.shape[-1]
     node = crf.marginals(emissions, mask, *batch.head)
@@ -207,56 +209,35 @@ def sentence_terms(batch: Batch) -> dict[str, np.ndarray]:
     # shape: (batch, C, C)
     transition_gradient = edges.sum(1) - observed_transition_counts(tags, mask[:, 1:], num_tags)
     loss = crf.log_partition(emissions, mask, *batch.head) - crf.path_score(emissions, tags, mask, *batch.head)
-    rows = np.arange(len(batch.lengths))
     return {
         "sentence_residuals": batch.flat(residuals),
         "sentence_loss": loss.numpy(),
         "sentence_transitions": transition_gradient.numpy(),
-        "sentence_start_gradient": residuals[rows, 0].numpy(),
-        "sentence_end_gradient": residuals[rows, batch.lengths - 1].numpy(),
     }
 
 
 def single_word_span_terms(batch: Batch, rows: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
-    """Compute the gradients of one-word spans, whose conditional is the word's own conditional.
+    """Compute the loss and residuals of one-word spans, whose conditional is the word's own conditional.
 
-    ``∇_A = onehot(y_{t-1}) r_tᵀ + r_t onehot(y_{t+1})ᵀ``, where a term exists
-    only when the neighbour does. The start (end) gradient is ``r_t`` for the
-    first (last) word of a sentence and zero otherwise.
+    Their transition, start and end gradients are not stored: they follow
+    from the word residuals and the neighbouring gold labels.
     """
     conditional = crf.word_conditional(batch.emissions, batch.tags, batch.mask, *batch.head)
-    # shape: (num_spans, C)
-    residuals = conditional.residuals[rows, positions].numpy()
-    tags = batch.tags.numpy()
-    lengths = batch.lengths[rows]
-    num_spans, num_tags = residuals.shape
-    transitions = np.zeros((num_spans, num_tags, num_tags))
-    has_previous = np.flatnonzero(positions > 0)
-    previous = tags[rows[has_previous], positions[has_previous] - 1]
-    transitions[has_previous, previous, :] += residuals[has_previous]
-    has_next = np.flatnonzero(positions < lengths - 1)
-    following = tags[rows[has_next], positions[has_next] + 1]
-    transitions[has_next, :, following] += residuals[has_next]
-    is_first = (positions == 0)[:, None]
-    is_last = (positions == lengths - 1)[:, None]
     return {
-        "residuals": residuals,
+        "residuals": conditional.residuals[rows, positions].numpy(),
         "loss": -conditional.log_likelihood[rows, positions].numpy(),
-        "transitions": transitions,
-        "start_gradient": np.where(is_first, residuals, 0.0),
-        "end_gradient": np.where(is_last, residuals, 0.0),
     }
 
 
 def multi_word_span_terms(batch: Batch, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> dict[str, np.ndarray]:
-    """Compute the conditional loss and gradients of spans of two or more words with ``segment_conditional``.
+    """Compute the conditional loss, residuals and transition gradient of spans of two or more words.
 
     Returns residuals as a (num_spans, seq_len, C) array that is zero outside
     each span, so it can be added into the sentence rows.
     """
     num_tags = batch.emissions.shape[-1]
     seq_positions = torch.arange(batch.emissions.shape[1] - 1)
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("residuals", "loss", "transitions", "start_gradient", "end_gradient")}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("residuals", "loss", "transitions")}
     for first in range(0, len(rows), SPAN_BATCH):
         row = torch.from_numpy(rows[first : first + SPAN_BATCH])
         start = torch.from_numpy(starts[first : first + SPAN_BATCH])
@@ -268,46 +249,34 @@ def multi_word_span_terms(batch: Batch, rows: np.ndarray, starts: np.ndarray, en
         touching = (seq_positions >= start[:, None] - 1) & (seq_positions <= end[:, None] - 1)
         touching &= seq_positions < lengths[:, None] - 1
         transitions = result.pairwise.sum(1) - observed_transition_counts(tags, touching, num_tags)
-        span_rows = torch.arange(len(row))
         parts["residuals"].append(result.residuals.numpy())
         parts["loss"].append(-result.log_likelihood.numpy())
         parts["transitions"].append(transitions.numpy())
-        # Residuals are zero outside the span, so these are zero unless the span touches the sentence edge.
-        parts["start_gradient"].append(result.residuals[span_rows, 0].numpy())
-        parts["end_gradient"].append(result.residuals[span_rows, lengths - 1].numpy())
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 def span_terms(batch: Batch, spans: GoldSpans) -> dict[str, np.ndarray]:
-    """Compute per-span losses and gradients and the span residual of every word.
+    """Compute per-span losses, the span residual of every word and the transition gradients of multi-word spans.
 
-    Returns ``span_residuals`` (num_words, C) in reading order and
-    ``span_loss``, ``span_transitions``, ``span_start_gradient``,
-    ``span_end_gradient`` per span, in the order of ``spans``.
+    Returns ``span_residuals`` (num_words, C) in reading order,
+    ``span_loss`` (num_spans,) in the order of ``spans`` and
+    ``span_transitions`` (num_multiword, C, C) for the spans of two or more
+    words, in the same order.
     """
     num_tags = batch.emissions.shape[-1]
-    num_spans = len(spans.sentence)
     single = np.flatnonzero(spans.end - spans.start == 1)
     multi = np.flatnonzero(spans.end - spans.start > 1)
     padded_residuals = np.zeros(tuple(batch.emissions.shape))
-    result = {
-        "span_loss": np.zeros(num_spans),
-        "span_transitions": np.zeros((num_spans, num_tags, num_tags)),
-        "span_start_gradient": np.zeros((num_spans, num_tags)),
-        "span_end_gradient": np.zeros((num_spans, num_tags)),
-    }
-    groups = []
+    result = {"span_loss": np.zeros(len(spans.sentence)), "span_transitions": np.zeros((len(multi), num_tags, num_tags))}
     if len(single):
         terms = single_word_span_terms(batch, spans.sentence[single], spans.start[single])
         padded_residuals[spans.sentence[single], spans.start[single]] = terms["residuals"]
-        groups.append((single, terms))
+        result["span_loss"][single] = terms["loss"]
     if len(multi):
         terms = multi_word_span_terms(batch, spans.sentence[multi], spans.start[multi], spans.end[multi])
         np.add.at(padded_residuals, spans.sentence[multi], terms["residuals"])
-        groups.append((multi, terms))
-    for selected, terms in groups:
-        for name in ("loss", "transitions", "start_gradient", "end_gradient"):
-            result[f"span_{name}"][selected] = terms[name]
+        result["span_loss"][multi] = terms["loss"]
+        result["span_transitions"] = terms["transitions"]
     result["span_residuals"] = padded_residuals[batch.mask.numpy()]
     return result
 
@@ -386,6 +355,12 @@ def write_train_layout(writer: ArrayWriter, gold: list[np.ndarray], spans: GoldS
     writer.save("train_span_sentence", spans.sentence.astype(np.int32))
     writer.save("train_span_start", spans.start.astype(np.int32))
     writer.save("train_span_end", spans.end.astype(np.int32))
+    writer.save("train_multiword_spans", multiword_spans(spans).astype(np.int32))
+
+
+def multiword_spans(spans: GoldSpans) -> np.ndarray:
+    """Return the ids of the spans of two or more words, ascending; int64, shape (num_multiword,)."""
+    return np.flatnonzero(spans.end - spans.start > 1)
 
 
 TRAIN_WORD_ARRAYS = {
@@ -396,11 +371,9 @@ TRAIN_WORD_ARRAYS = {
     "entropy": np.float32,
     "predictions": np.int32,
 }
-TRAIN_SPAN_ARRAYS = ("span_loss", "span_transitions", "span_start_gradient", "span_end_gradient")
-TRAIN_SENTENCE_ARRAYS = ("sentence_loss", "sentence_transitions", "sentence_start_gradient", "sentence_end_gradient")
 
 
-def create_train_outputs(writer: ArrayWriter, num_words: int, num_spans: int, num_sentences: int, num_tags: int) -> dict[str, np.ndarray]:
+def create_train_outputs(writer: ArrayWriter, num_words: int, spans: GoldSpans, num_sentences: int, num_tags: int) -> dict[str, np.ndarray]:
     """Create the memory maps that the head pass over the training split fills chunk by chunk."""
     shapes = {
         "word_residuals": (num_words, num_tags),
@@ -411,18 +384,24 @@ def create_train_outputs(writer: ArrayWriter, num_words: int, num_spans: int, nu
         "predictions": (num_words,),
     }
     outputs = {name: writer.create(f"train_{name}", shapes[name], dtype) for name, dtype in TRAIN_WORD_ARRAYS.items()}
-    for names, count in ((TRAIN_SPAN_ARRAYS, num_spans), (TRAIN_SENTENCE_ARRAYS, num_sentences)):
-        for name in names:
-            shape = (count,) if name.endswith("loss") else (count, num_tags, num_tags) if name.endswith("transitions") else (count, num_tags)
-            outputs[name] = writer.create(f"train_{name}", shape, np.float32)
+    other_shapes = {
+        "span_loss": (len(spans.start),),
+        "span_transitions": (len(multiword_spans(spans)), num_tags, num_tags),
+        "sentence_loss": (num_sentences,),
+        "sentence_transitions": (num_sentences, num_tags, num_tags),
+    }
+    for name, shape in other_shapes.items():
+        outputs[name] = writer.create(f"train_{name}", shape, np.float32)
     return outputs
 
 
 def write_train_terms(writer, features, gold, spans, params, labels, *, chunk_sentences: int, progress: bool) -> None:
     """Run the CRF kernels over the training split in chunks and store residuals, losses and gradients."""
     offsets = writer.offsets["train"]
-    outputs = create_train_outputs(writer, int(offsets[-1]), len(spans.start), len(gold), params.num_tags)
+    outputs = create_train_outputs(writer, int(offsets[-1]), spans, len(gold), params.num_tags)
     span_first = np.searchsorted(spans.sentence, np.arange(len(gold) + 1))
+    # Row of the first multi-word span at or after each span, for slicing span_transitions by chunk.
+    multiword_first = np.searchsorted(multiword_spans(spans), span_first)
     for first in tqdm(range(0, len(gold), chunk_sentences), desc="index train", unit="chunk", disable=not progress):
         last = min(first + chunk_sentences, len(gold))
         batch = make_batch(sentence_features(features, offsets, first, last), gold[first:last], params)
@@ -432,7 +411,9 @@ def write_train_terms(writer, features, gold, spans, params, labels, *, chunk_se
         terms["predictions"] = decode(batch, labels)
         word_slice = slice(offsets[first], offsets[last])
         for name, output in outputs.items():
-            if name.startswith("span_") and name != "span_residuals":
+            if name == "span_transitions":
+                output[multiword_first[first] : multiword_first[last]] = terms[name]
+            elif name == "span_loss":
                 output[span_slice] = terms[name]
             elif name.startswith("sentence_") and name != "sentence_residuals":
                 output[first:last] = terms[name]
@@ -669,6 +650,64 @@ def _build_into(project, folder: Path, *, refit_head, hessian, batch_size, chunk
         "train_spans": len(spans.start),
         "arrays": writer.arrays,
     }
+
+
+def edge_gradients(index: "InfluenceIndex", granularity: str, items=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rebuild the transition, start and end gradients ``G_A``, ``G_π``, ``G_ω`` of training spans or sentences.
+
+    Only the transition gradients of sentences and of spans of two or more
+    words are stored. The rest follows from the per-word arrays: ``G_π`` is
+    the item's residual at the sentence's first word when the item contains
+    it (zero otherwise), ``G_ω`` likewise at the last word, and a one-word
+    span's ``G_A`` is ``onehot(y_{t-1}) r_tᵀ + r_t onehot(y_{t+1})ᵀ`` with the
+    terms of missing neighbours left out.
+
+    Parameters
+    ----------
+    index : InfluenceIndex
+        A built index.
+    granularity : str
+        ``"span"`` or ``"sentence"``.
+    items : array of int, optional
+        Span or sentence ids; all items by default.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        float64 arrays of shapes (G, C, C), (G, C) and (G, C).
+    """
+    offsets = np.asarray(index["train_sentence_offsets"], dtype=np.int64)
+    num_tags = len(index.labels)
+    if granularity == "sentence":
+        items = np.arange(len(offsets) - 1) if items is None else np.asarray(items, dtype=np.int64)
+        residuals = index["train_sentence_residuals"]
+        transitions = np.asarray(index["train_sentence_transitions"][items], dtype=np.float64)
+        start = np.asarray(residuals[offsets[items]], dtype=np.float64)
+        end = np.asarray(residuals[offsets[items + 1] - 1], dtype=np.float64)
+        return transitions, start, end
+    if granularity != "span":
+        raise ValueError(f"expected granularity 'span' or 'sentence', got {granularity!r}")
+    items = np.arange(index["train_span_start"].shape[0]) if items is None else np.asarray(items, dtype=np.int64)
+    sentence = np.asarray(index["train_span_sentence"][items], dtype=np.int64)
+    span_start = np.asarray(index["train_span_start"][items], dtype=np.int64)
+    span_end = np.asarray(index["train_span_end"][items], dtype=np.int64)
+    first_row, last_row = offsets[sentence] + span_start, offsets[sentence] + span_end - 1
+    residuals = index["train_span_residuals"]
+    start = np.where((span_start == 0)[:, None], np.asarray(residuals[first_row], dtype=np.float64), 0.0)
+    end = np.where((last_row == offsets[sentence + 1] - 1)[:, None], np.asarray(residuals[last_row], dtype=np.float64), 0.0)
+    transitions = np.zeros((len(items), num_tags, num_tags))
+    stored_ids = np.asarray(index["train_multiword_spans"], dtype=np.int64)
+    is_multiword = span_end - span_start > 1
+    stored_rows = np.searchsorted(stored_ids, items[is_multiword])
+    transitions[is_multiword] = index["train_span_transitions"][stored_rows]
+    single = np.flatnonzero(~is_multiword)
+    single_residuals = np.asarray(residuals[first_row[single]], dtype=np.float64)
+    previous = np.asarray(index["train_prev_gold"][first_row[single]], dtype=np.int64)
+    following = np.asarray(index["train_next_gold"][first_row[single]], dtype=np.int64)
+    has_previous, has_next = previous >= 0, following >= 0
+    transitions[single[has_previous], previous[has_previous], :] += single_residuals[has_previous]
+    transitions[single[has_next], :, following[has_next]] += single_residuals[has_next]
+    return transitions, start, end
 
 
 class InfluenceIndex:

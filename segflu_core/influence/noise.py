@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from segflu_core.influence.head import HeadParams
-from segflu_core.influence.index import InfluenceIndex
+from segflu_core.influence.index import InfluenceIndex, edge_gradients
 from segflu_core.influence.neighbors import type_ids
 from segflu_core.influence.scores import grouped_scores, segment_gradient
 
@@ -172,7 +172,7 @@ def instance_influence_scores(index: InfluenceIndex, validation: ValidationWords
     query = HeadParams.unflatten(total / max(num_sentences, 1), head.num_tags, head.dim)
     return grouped_scores(
         query, index.features("train"), index["train_sentence_residuals"], index["train_sentence_ids"],
-        index["train_sentence_transitions"], index["train_sentence_start_gradient"], index["train_sentence_end_gradient"],
+        *edge_gradients(index, "sentence"),
     )
 
 

@@ -3,9 +3,10 @@
 The features and the head of an index do not depend on the gold labels. A
 relabelled sentence therefore needs only its label-dependent arrays
 recomputed: gold labels and their neighbours, the word, span and sentence
-residuals, the word loss and entropy, the sentence's transition, start and end
-gradients, and the rows of its gold spans. The number of spans of a sentence can change, so the
-span arrays are rewritten with that sentence's rows replaced. Predictions,
+residuals, the word loss and entropy, the sentence's loss and transition
+gradient, and the rows of its gold spans. The number of spans of a sentence
+can change, so the span arrays are rewritten with that sentence's rows
+replaced. Predictions,
 features, the head and the Hessian factor stay as they are: the Hessian of the
 CRF loss is the Hessian of ``log Z``, which does not depend on the labels.
 
@@ -47,8 +48,7 @@ logger = logging.getLogger(__name__)
 
 # Per-word training arrays that follow from the labels; predictions and features do not.
 WORD_TERMS = ("word_residuals", "word_loss", "entropy", "sentence_residuals", "span_residuals")
-SENTENCE_TERMS = ("sentence_loss", "sentence_transitions", "sentence_start_gradient", "sentence_end_gradient")
-SPAN_TERMS = ("span_loss", "span_transitions", "span_start_gradient", "span_end_gradient")
+SENTENCE_TERMS = ("sentence_loss", "sentence_transitions")
 # Streamlit runs each session's script on its own thread, so updates of one process run one at a time.
 # NOTE: two processes that update the same index at once are not serialised.
 UPDATE_LOCK = threading.RLock()
@@ -221,7 +221,12 @@ def train_arrays(index: InfluenceIndex, chosen: np.ndarray, gold: list[np.ndarra
 
 
 def replaced_spans(index: InfluenceIndex, chosen: np.ndarray, terms: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Return the span arrays with the spans of the chosen sentences replaced, in reading order, and ``train_span_ids``."""
+    """Return the span arrays with the spans of the chosen sentences replaced, in reading order, and ``train_span_ids``.
+
+    ``train_span_transitions`` has rows for multi-word spans only, so its
+    kept and new rows are ordered by their spans' new ids, which also gives
+    the new ``train_multiword_spans``.
+    """
     span_sentence = np.asarray(index["train_span_sentence"])
     keep = ~np.isin(span_sentence, chosen)
     sentence_values = np.concatenate([span_sentence[keep], terms["span_sentence"]])
@@ -229,11 +234,28 @@ def replaced_spans(index: InfluenceIndex, chosen: np.ndarray, terms: dict[str, n
     # Spans partition each sentence, so (sentence, start) orders them in reading order.
     order = np.lexsort((start_values, sentence_values))
     arrays = {}
-    for name in ("span_sentence", "span_start", "span_end", *SPAN_TERMS):
+    for name in ("span_sentence", "span_start", "span_end", "span_loss"):
         old = index[f"train_{name}"]
         arrays[f"train_{name}"] = np.concatenate([np.asarray(old)[keep], terms[name].astype(old.dtype)])[order]
     lengths = arrays["train_span_end"].astype(np.int64) - arrays["train_span_start"]
     arrays["train_span_ids"] = np.repeat(np.arange(len(lengths)), lengths).astype(index["train_span_ids"].dtype)
+
+    # Position of each span in the concatenation above -> its new id.
+    new_id = np.empty(len(order), dtype=np.int64)
+    new_id[order] = np.arange(len(order))
+    old_multiword = np.asarray(index["train_multiword_spans"], dtype=np.int64)
+    kept_multiword = keep[old_multiword]
+    kept_position = np.cumsum(keep) - 1
+    new_lengths = terms["span_end"] - terms["span_start"]
+    multiword_ids = np.concatenate([
+        new_id[kept_position[old_multiword[kept_multiword]]],
+        new_id[int(keep.sum()) + np.flatnonzero(new_lengths > 1)],
+    ])
+    old_transitions = index["train_span_transitions"]
+    transitions = np.concatenate([np.asarray(old_transitions)[kept_multiword], terms["span_transitions"].astype(old_transitions.dtype)])
+    by_id = np.argsort(multiword_ids, kind="stable")
+    arrays["train_span_transitions"] = transitions[by_id]
+    arrays["train_multiword_spans"] = multiword_ids[by_id].astype(index["train_multiword_spans"].dtype)
     return arrays
 
 

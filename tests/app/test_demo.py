@@ -45,6 +45,24 @@ def test_demo_builds_then_reuses(tmp_path, demo_data, tiny_encoder):
     assert manifest.stat().st_mtime_ns == stamp
 
 
+def test_demo_rebuilds_index_of_older_format(tmp_path, demo_data, tiny_encoder):
+    import json
+
+    project_dir = tmp_path / "demo"
+    options = dict(data_dir=demo_data, encoder=str(tiny_encoder), config=tiny_config(), progress=False)
+    demo.ensure_demo_project(project_dir, **options)
+    manifest_path = project_dir / "index" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["format_version"] -= 1
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    assert not demo.is_indexed(project_dir)
+
+    demo.ensure_demo_project(project_dir, **options)
+
+    assert demo.is_indexed(project_dir)
+    assert len(Project.load(project_dir).explain("test", 0, 0, 1, top_k=2)) > 0
+
+
 def test_demo_replaces_unfinished_folder(tmp_path, demo_data, tiny_encoder):
     project_dir = tmp_path / "demo"
     project_dir.mkdir()
