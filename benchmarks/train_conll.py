@@ -13,6 +13,8 @@ import argparse
 import logging
 import time
 
+import torch
+
 from common import CONLL_DEV, CONLL_TEST, CONLL_TRAIN, peak_memory_mb, require, write_result
 
 from segflu_core.conll import read_corpus
@@ -25,13 +27,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
     parser.add_argument("--head-epochs", type=int, default=60, help="head epochs with a frozen encoder")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--encoder-lr", type=float, default=5e-5, help="AdamW learning rate of the encoder")
+    parser.add_argument("--case-embeddings", action="store_true", help="pass word case to the encoder as token type ids")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--name", help="result file name (default: train-conll-MODE)")
     parser.add_argument("--out", required=True, help="project folder to create")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     require(CONLL_TRAIN, CONLL_DEV, CONLL_TEST)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     frozen = args.mode == "frozen"
-    config = TrainConfig(epochs=args.epochs, head_epochs=args.head_epochs, batch_size=args.batch_size, freeze_encoder=frozen)
+    config = TrainConfig(
+        epochs=args.epochs, head_epochs=args.head_epochs, batch_size=args.batch_size, freeze_encoder=frozen,
+        encoder_lr=args.encoder_lr, case_embeddings=args.case_embeddings,
+    )
     started = time.perf_counter()
     result = train_project(CONLL_TRAIN, CONLL_DEV, CONLL_TEST, args.out, config=config, overwrite=True)
     total = time.perf_counter() - started
@@ -43,6 +54,8 @@ def main() -> None:
     record = {
         "mode": args.mode,
         "epochs": args.epochs if not frozen else args.head_epochs,
+        "config": config.to_dict(),
+        "threads": torch.get_num_threads(),
         "total_seconds": round(total, 1),
         "train_words": train_words,
         "epoch_seconds": epoch_seconds,
@@ -51,7 +64,7 @@ def main() -> None:
         "dev": result["metrics"]["dev"]["micro"],
         "peak_memory_mb": round(peak_memory_mb()),
     }
-    path = write_result(f"train-conll-{args.mode}", record)
+    path = write_result(args.name or f"train-conll-{args.mode}", record)
     logging.info("wrote %s", path)
 
 

@@ -4,7 +4,10 @@ A :class:`WordEncoder` wraps a Hugging Face encoder and turns lists of words
 into one feature vector per word: the mean of the word's word pieces, taken
 from overlapping windows when a sentence is longer than the encoder's limit.
 Encoders whose tokenizer lowercases get word-shape features appended, because
-the lowercased pieces no longer show capitalisation.
+the lowercased pieces no longer show capitalisation. Such an encoder can also
+get case embeddings: each word piece's token type id is the case of its word,
+so a fine-tuned transformer receives capitalisation with every piece and can
+use it in context.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ SHAPE_FEATURE_NAMES = (
     "has_hyphen_or_apostrophe",
 ) + tuple(f"length<={bound}" for bound in LENGTH_BUCKETS) + (f"length>{LENGTH_BUCKETS[-1]}",)
 SHAPE_DIM = len(SHAPE_FEATURE_NAMES)
+
+# Token type ids of case embeddings. Type 0, the pretrained single-sequence
+# type, marks special tokens and words without letters.
+CASE_TYPES = ("no_letters", "lower", "title", "upper", "mixed")
 
 _PUNCTUATION = set(string.punctuation) | {"“", "”", "‘", "’", "«", "»", "–", "—", "…"}
 
@@ -132,6 +139,50 @@ def shape_features(word: str) -> list[float]:
     return [float(flag) for flag in flags + buckets]
 
 
+def case_type(word: str) -> int:
+    """Return the index in :data:`CASE_TYPES` of a word's capitalisation; one capital letter counts as title case."""
+    letters = [c for c in word if c.isalpha()]
+    if not letters:
+        return 0
+    if all(c.islower() for c in letters):
+        return 1
+    if letters[0].isupper() and all(c.islower() for c in letters[1:]):
+        return 2
+    if all(c.isupper() for c in letters):
+        return 3
+    return 4
+
+
+def add_case_types(model: nn.Module, location: str) -> None:
+    """Give ``model`` one token type embedding per entry of :data:`CASE_TYPES`.
+
+    Every row starts as a copy of row 0, the type of a single sequence, so
+    the encoder's output does not change until training moves the rows. The
+    pretrained second-segment row is overwritten because words never come as
+    sentence pairs here. A model that already has enough rows, such as a
+    saved fine-tuned encoder, is left as it is.
+
+    Raises
+    ------
+    ValueError
+        When the model has no ``embeddings.token_type_embeddings`` (BERT-style
+        encoders have one, RoBERTa-style ones have a single unused row).
+    """
+    embeddings = getattr(getattr(model, "embeddings", None), "token_type_embeddings", None)
+    if not isinstance(embeddings, nn.Embedding):
+        raise ValueError(
+            f"encoder {location!r} has no token type embeddings to carry word case; train it without case embeddings"
+        )
+    count = len(CASE_TYPES)
+    if embeddings.num_embeddings >= count:
+        return
+    resized = nn.Embedding(count, embeddings.embedding_dim).to(embeddings.weight.device, embeddings.weight.dtype)
+    with torch.no_grad():
+        resized.weight.copy_(embeddings.weight[:1].expand(count, -1))
+    model.embeddings.token_type_embeddings = resized
+    model.config.type_vocab_size = count
+
+
 def tokenizer_lowercases(tokenizer) -> bool:
     """Return whether ``tokenizer`` maps "ABC" and "abc" to the same word pieces.
 
@@ -189,6 +240,10 @@ class WordEncoder(nn.Module):
         excluded. ``None`` uses the encoder's limit,
         ``min(model_max_length, max_position_embeddings)`` minus the special
         tokens.
+    case_embeddings : bool
+        Pass each word's :func:`case_type` to the encoder as the token type
+        id of its pieces (see :func:`add_case_types`). Useful only when the
+        encoder is fine-tuned, because the new rows start equal to row 0.
 
     Attributes
     ----------
@@ -206,6 +261,7 @@ class WordEncoder(nn.Module):
         *,
         use_shape_features: bool | None = None,
         max_window_pieces: int | None = None,
+        case_embeddings: bool = False,
     ):
         super().__init__()
         self.name = DEFAULT_ENCODER if name is None else str(name)
@@ -218,6 +274,9 @@ class WordEncoder(nn.Module):
             )
         self.lowercases = tokenizer_lowercases(self.tokenizer)
         self.use_shape_features = self.lowercases if use_shape_features is None else bool(use_shape_features)
+        self.case_embeddings = bool(case_embeddings)
+        if self.case_embeddings:
+            add_case_types(self.model, self.location)
         self.hidden_size = int(self.model.config.hidden_size)
         self.feature_dim = self.hidden_size + (SHAPE_DIM if self.use_shape_features else 0)
         self._prefix_ids, self._suffix_ids = self._special_token_ids()
@@ -267,20 +326,26 @@ class WordEncoder(nn.Module):
         return result
 
     def _plan_windows(
-        self, pieces: list[list[list[int]]], max_words: int
-    ) -> tuple[list[list[int]], list[int], list[int], list[int]]:
+        self, pieces: list[list[list[int]]], max_words: int, word_types: list[list[int]] | None = None
+    ) -> tuple[list[list[int]], list[list[int]], list[int], list[int], list[int]]:
         """Split sentences into encoder windows and map each used piece to its word.
+
+        ``word_types`` gives a token type id per word, which all its pieces
+        take; special tokens and pieces of words without one get type 0.
 
         Returns
         -------
         window_ids : list of list of int
             Piece ids of each window, special tokens included.
+        window_types : list of list of int
+            Token type ids, in the same layout as ``window_ids``.
         rows, columns : list of int
             Window index and position of each piece that feeds a word vector.
         targets : list of int
             Flat word index ``sentence * max_words + word`` of each such piece.
         """
         window_ids: list[list[int]] = []
+        window_types: list[list[int]] = []
         rows: list[int] = []
         columns: list[int] = []
         targets: list[int] = []
@@ -292,10 +357,13 @@ class WordEncoder(nn.Module):
                 # first pieces, so that some window contains all of them.
                 words = [ids[: max(1, max_pieces // 2)] for ids in words]
             flat = [piece for ids in words for piece in ids]
+            types = [word_types[sentence][word] if word_types else 0 for word, ids in enumerate(words) for _ in ids]
             starts = window_starts(len(flat), max_pieces)
             first_row = len(window_ids)
+            prefix_types, suffix_types = [0] * len(self._prefix_ids), [0] * len(self._suffix_ids)
             for start in starts:
                 window_ids.append(self._prefix_ids + flat[start : start + max_pieces] + self._suffix_ids)
+                window_types.append(prefix_types + types[start : start + max_pieces] + suffix_types)
             word_start = 0
             for word, ids in enumerate(words):
                 word_end = word_start + len(ids)
@@ -305,20 +373,29 @@ class WordEncoder(nn.Module):
                     columns.append(offset + piece - starts[index])
                     targets.append(sentence * max_words + word)
                 word_start = word_end
-        return window_ids, rows, columns, targets
+        return window_ids, window_types, rows, columns, targets
 
-    def _encode_windows(self, window_ids: list[list[int]]) -> torch.Tensor:
-        """Run the encoder on padded windows; returns hidden states ``(windows, length, hidden)``."""
+    def _encode_windows(self, window_ids: list[list[int]], window_types: list[list[int]] | None = None) -> torch.Tensor:
+        """Run the encoder on padded windows; returns hidden states ``(windows, length, hidden)``.
+
+        Token type ids are passed only with ``window_types``, so encoders
+        without token types work unchanged.
+        """
         length = max(len(ids) for ids in window_ids)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # shape: (windows, length)
         input_ids = torch.full((len(window_ids), length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(window_ids), length), dtype=torch.long)
+        token_types = torch.zeros((len(window_ids), length), dtype=torch.long)
         for row, ids in enumerate(window_ids):
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
-        output = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
-        return output.last_hidden_state
+            if window_types is not None:
+                token_types[row, : len(ids)] = torch.tensor(window_types[row], dtype=torch.long)
+        inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+        if window_types is not None:
+            inputs["token_type_ids"] = token_types.to(self.device)
+        return self.model(**inputs).last_hidden_state
 
     def shape_tensor(self, token_lists: Sequence[Sequence[str]], max_words: int) -> torch.Tensor:
         """Return the word-shape features, float32 ``(batch, max_words, SHAPE_DIM)``, zero past each sentence."""
@@ -355,8 +432,11 @@ class WordEncoder(nn.Module):
         # shape: (batch * max_words, hidden)
         sums = torch.zeros((batch * max_words, self.hidden_size), device=self.device)
         if max_words > 0:
-            window_ids, rows, columns, targets = self._plan_windows(self.word_pieces(token_lists), max_words)
-            hidden = self._encode_windows(window_ids)
+            word_types = [[case_type(word) for word in tokens] for tokens in token_lists] if self.case_embeddings else None
+            window_ids, window_types, rows, columns, targets = self._plan_windows(
+                self.word_pieces(token_lists), max_words, word_types
+            )
+            hidden = self._encode_windows(window_ids, window_types if self.case_embeddings else None)
             target_index = torch.tensor(targets, dtype=torch.long, device=self.device)
             # shape: (pieces, hidden), the piece vectors each word averages
             piece_vectors = hidden[torch.tensor(rows, device=self.device), torch.tensor(columns, device=self.device)]

@@ -147,10 +147,11 @@ class Tagger(nn.Module):
         encoder: str | os.PathLike | None = None,
         dropout: float = 0.1,
         fine_tune_encoder: bool = True,
+        case_embeddings: bool = False,
         device: str | torch.device = "cpu",
     ) -> "Tagger":
         """Build an untrained tagger on ``encoder`` (a folder, a Hugging Face id or ``None`` for the default)."""
-        word_encoder = WordEncoder(encoder)
+        word_encoder = WordEncoder(encoder, case_embeddings=case_embeddings)
         tagger = cls(word_encoder, labels, dropout=dropout, fine_tune_encoder=fine_tune_encoder)
         return tagger.to(resolve_device(device))
 
@@ -315,6 +316,7 @@ class Tagger(nn.Module):
             "encoder_fine_tuned": self.fine_tune_encoder,
             "use_shape_features": self.encoder.use_shape_features,
             "max_window_pieces": self.encoder.max_window_pieces,
+            "case_embeddings": self.encoder.case_embeddings,
             "feature_dim": self.encoder.feature_dim,
             "dropout": self.dropout.p,
         }
@@ -356,7 +358,11 @@ class Tagger(nn.Module):
             )
         source = model_dir / "encoder" if config["encoder_fine_tuned"] else config["encoder"]
         encoder = WordEncoder(
-            source, use_shape_features=config["use_shape_features"], max_window_pieces=config["max_window_pieces"]
+            source,
+            use_shape_features=config["use_shape_features"],
+            max_window_pieces=config["max_window_pieces"],
+            # Models saved before case embeddings existed have no such key.
+            case_embeddings=config.get("case_embeddings", False),
         )
         tagger = cls(encoder, labels, dropout=config["dropout"], fine_tune_encoder=config["encoder_fine_tuned"])
         tagger.encoder_origin = config["encoder"]

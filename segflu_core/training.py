@@ -68,6 +68,10 @@ class TrainConfig:
         default=None, metadata={"help": "use only the first N training sentences; None uses all"}
     )
     head_epochs: int = field(default=60, metadata={"help": "passes over the cached features with a frozen encoder"})
+    case_embeddings: bool = field(
+        default=False,
+        metadata={"help": "pass each word's case to the encoder as its token type id; needs a fine-tuned encoder with token type embeddings"},
+    )
 
     def __post_init__(self) -> None:
         positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size, "head_epochs": self.head_epochs}
@@ -80,6 +84,9 @@ class TrainConfig:
             or self.max_train_sentences < 1
         ):
             raise ValueError(f"expected max_train_sentences to be a positive integer or None, got {self.max_train_sentences!r}")
+        if self.case_embeddings and self.freeze_encoder:
+            raise ValueError("expected case_embeddings=False with freeze_encoder=True: the case embeddings start "
+                             "untrained and only fine-tuning the encoder trains them")
         if self.head_lr is None:
             self.head_lr = DEFAULT_FROZEN_HEAD_LR if self.freeze_encoder else DEFAULT_HEAD_LR
         for name in ("encoder_lr", "head_lr"):
@@ -331,7 +338,8 @@ def train_tagger(
     if not train:
         raise ValueError("expected at least one training sentence with words, got none")
     tagger = Tagger.create(
-        labels, encoder=encoder, dropout=config.dropout, fine_tune_encoder=not config.freeze_encoder, device=config.device
+        labels, encoder=encoder, dropout=config.dropout, fine_tune_encoder=not config.freeze_encoder,
+        case_embeddings=config.case_embeddings, device=config.device,
     )
     logger.info(
         "training on %d sentences with %s, encoder %s, device %s",

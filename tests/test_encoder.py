@@ -7,7 +7,16 @@ import shutil
 import pytest
 import torch
 
-from segflu_core.encoder import DEFAULT_ENCODER, SHAPE_DIM, WordEncoder, shape_features, window_starts
+from segflu_core.encoder import (
+    CASE_TYPES,
+    DEFAULT_ENCODER,
+    SHAPE_DIM,
+    WordEncoder,
+    add_case_types,
+    case_type,
+    shape_features,
+    window_starts,
+)
 from segflu_core.errors import EncoderNotFoundError
 from tests.synthetic import vocabulary
 
@@ -177,3 +186,63 @@ def test_folder_without_safetensors_raises(tiny_encoder, tmp_path):
     (folder / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(EncoderNotFoundError, match="safetensors"):
         WordEncoder(folder)
+
+
+@pytest.mark.parametrize(
+    ("word", "expected"),
+    [("paris", "lower"), ("Paris", "title"), ("A", "title"), ("NATO", "upper"), ("McDonald", "mixed"),
+     ("iPhone", "mixed"), ("1996", "no_letters"), ("--", "no_letters"), ("U.S.", "upper"), ("Jean-Luc", "mixed")],
+)
+def test_case_type_values(word, expected):
+    assert CASE_TYPES[case_type(word)] == expected
+
+
+def test_case_embeddings_start_equal_to_plain(tiny_encoder):
+    tokens = [["Paris", "paris", "PARIS", "1996", "McDonald"], ["NATO", "said"]]
+    plain = WordEncoder(tiny_encoder)
+    cased = WordEncoder(tiny_encoder, case_embeddings=True)
+    rows = cased.model.embeddings.token_type_embeddings.weight
+    assert rows.shape[0] == len(CASE_TYPES)
+    for row in rows:
+        assert torch.equal(row, plain.model.embeddings.token_type_embeddings.weight[0])
+    with torch.no_grad():
+        expected, _ = plain(tokens)
+        actual, _ = cased(tokens)
+    assert torch.allclose(actual, expected, atol=1e-6)
+
+
+def test_case_embeddings_separate_cased_words(tiny_encoder):
+    tokens = [["Paris", "said"], ["paris", "said"], ["PARIS", "said"]]
+    plain = WordEncoder(tiny_encoder)
+    cased = WordEncoder(tiny_encoder, case_embeddings=True)
+    with torch.no_grad():
+        cased.model.embeddings.token_type_embeddings.weight.normal_()
+        plain_features, _ = plain(tokens)
+        cased_features, _ = cased(tokens)
+    hidden = plain.hidden_size
+    # The uncased tokenizer gives the three sentences the same pieces.
+    assert torch.allclose(plain_features[0, :, :hidden], plain_features[1, :, :hidden], atol=1e-6)
+    assert not torch.allclose(cased_features[0, 0, :hidden], cased_features[1, 0, :hidden], atol=1e-3)
+    assert not torch.allclose(cased_features[1, 0, :hidden], cased_features[2, 0, :hidden], atol=1e-3)
+    # The case of one word changes its neighbours' features too, through attention.
+    assert not torch.allclose(cased_features[0, 1, :hidden], cased_features[1, 1, :hidden], atol=1e-3)
+
+
+def test_case_types_follow_pieces_across_windows(tiny_encoder):
+    words = vocabulary()
+    tokens = [(words[i % len(words)].title() if i % 3 else words[i % len(words)]) for i in range(40)]
+    encoder = WordEncoder(tiny_encoder, max_window_pieces=10, case_embeddings=True)
+    word_types = [[case_type(word) for word in tokens]]
+    pieces = encoder.word_pieces([tokens])
+    window_ids, window_types, rows, columns, targets = encoder._plan_windows(pieces, len(tokens), word_types)
+    assert [len(ids) for ids in window_ids] == [len(types) for types in window_types]
+    for row, column, target in zip(rows, columns, targets):
+        assert window_types[row][column] == word_types[0][target]
+    for types in window_types:
+        assert types[0] == 0
+        assert types[-1] == 0
+
+
+def test_case_embeddings_need_token_types():
+    with pytest.raises(ValueError, match="token type embeddings"):
+        add_case_types(torch.nn.Linear(2, 2), "some-encoder")

@@ -176,3 +176,22 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             resolve_device("cuda")
+
+
+def test_case_embeddings_survive_save_and_load(tiny_encoder, tmp_path):
+    sentences = [pair[0] for pair in make_corpus(4, seed=7)]
+    cased = Tagger.create(LABELS, encoder=tiny_encoder, case_embeddings=True)
+    with torch.no_grad():
+        cased.encoder.model.embeddings.token_type_embeddings.weight.normal_()
+    cased.eval()
+    cased.save(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["case_embeddings"] is True
+    loaded = Tagger.load(tmp_path / "model")
+    assert loaded.encoder.case_embeddings
+    for name, tensor in cased.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    with torch.no_grad():
+        expected, _ = cased.forward_features(sentences)
+        actual, _ = loaded.forward_features(sentences)
+    assert torch.allclose(actual, expected, atol=1e-6)

