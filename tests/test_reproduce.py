@@ -231,6 +231,36 @@ def test_dosage_quick(tmp_path, tiny_encoder):
         assert shares["conflicting_example"] <= min(shares["supporting_example"], shares["opposing_example"])
 
 
+def test_dosage_quick_fine_tuned(tmp_path, tiny_encoder):
+    data_dir = shared_data_dir("ebm_nlp/acl_lstm_crf_data/dev.txt")
+    settings = quick_settings(tmp_path, tiny_encoder, data_dir)
+    settings.fine_tune_epochs = 2
+    result = run_experiment("dosage", settings)
+    check_common_keys(result, tmp_path / "out", "dosage")
+    assert result["settings"]["encoder_mode"] == "fine-tuned"
+    assert result["settings"]["fine_tune_epochs"] == 2
+    assert result["settings"]["case_embeddings"] is False
+    project_config = json.loads((tmp_path / "out" / "dosage-work" / "project" / "project.json").read_text(encoding="utf-8"))
+    assert project_config["training"]["freeze_encoder"] is False
+    assert (tmp_path / "out" / "dosage-work" / "project" / "model" / "encoder").is_dir()
+
+
+def test_tagger_config_follows_settings(tmp_path):
+    from segflu_core.reproduce.common import tagger_config
+
+    frozen = tagger_config(RunSettings(data_dir=tmp_path))
+    assert frozen.freeze_encoder is True
+    assert frozen.head_epochs == 20
+    default_encoder = tagger_config(RunSettings(data_dir=tmp_path, fine_tune_epochs=4))
+    assert default_encoder.freeze_encoder is False
+    assert default_encoder.epochs == 4
+    assert default_encoder.case_embeddings is True
+    other_encoder = tagger_config(RunSettings(data_dir=tmp_path, fine_tune_epochs=4, encoder="some/cased-model"))
+    assert other_encoder.case_embeddings is False
+    with pytest.raises(ValueError, match="fine_tune_epochs"):
+        RunSettings(data_dir=tmp_path, fine_tune_epochs=0)
+
+
 def test_f1_quick(tmp_path, tiny_encoder):
     data_dir = shared_data_dir("conllpp/conllpp_train.txt")
     shared_file("conll2003_original/eng.testb")

@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", metavar="ID_OR_PATH", help="encoder folder or Hugging Face id (default: the packaged MiniLM)")
     parser.add_argument("--seed", type=int, default=13, metavar="N", help="seed of sampling and training (default: 13)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--fine-tune-epochs", type=int, metavar="N",
+        help="fine-tune the encoder for N epochs instead of training only the head on frozen features "
+        "(f1 trains both; its default is 3)",
+    )
     parser.add_argument("--progress", action="store_true", help="show progress bars")
 
 
@@ -40,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=args.progress,
         threads=args.threads,
+        fine_tune_epochs=args.fine_tune_epochs,
     )
     result = run_experiment(args.experiment, settings)
     headline = {key: value for key, value in result.items() if key not in ("settings", "machine", "files")}

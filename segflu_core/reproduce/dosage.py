@@ -31,7 +31,14 @@ import numpy as np
 import pandas as pd
 
 from segflu_core.conll import Sentence
-from segflu_core.reproduce.common import RunSettings, data_file, group_documents, train_and_index, write_result
+from segflu_core.reproduce.common import (
+    RunSettings,
+    data_file,
+    group_documents,
+    train_and_index,
+    training_summary,
+    write_result,
+)
 from segflu_core.reproduce.plots import bar_chart
 
 logger = logging.getLogger(__name__)
@@ -245,7 +252,6 @@ def run(settings: RunSettings) -> dict:
         for column, values in figures["shares"].items() for key, value in values.items() if value is not None
     ], columns=["method", "check", "share"])
     chart = bar_chart(bars, x="method", y="share", color="check", title="Top items show the dosage label conflict")
-    parameters = {**counts, "dev_share": DEV_SHARE, "encoder_mode": "frozen",
-                  "head_epochs": project.config["training"]["head_epochs"]}
+    parameters = {**counts, "dev_share": DEV_SHARE, **training_summary(project)}
     return write_result(settings, NAME, figures, started=started, parameters=parameters,
                         tables={"queries": table}, charts={"shares": chart})

@@ -33,6 +33,7 @@ from segflu_core.reproduce.common import (
     group_documents,
     read_paper_jsonl,
     train_and_index,
+    training_summary,
     write_result,
 )
 from segflu_core.reproduce.plots import curve_chart
@@ -214,8 +215,7 @@ def run(settings: RunSettings, *, kind: str) -> dict:
     parameters = {
         "clean_documents": clean,
         "train_documents": figures["documents"],
-        "encoder_mode": "frozen",
-        "head_epochs": project.config["training"]["head_epochs"],
+        **training_summary(project),
     }
     if kind == "real":
         import cleanlab

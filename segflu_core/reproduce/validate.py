@@ -26,6 +26,7 @@ from segflu_core.reproduce.common import (
     data_file,
     read_paper_jsonl,
     train_and_index,
+    training_summary,
     write_result,
 )
 from segflu_core.reproduce.plots import scatter_chart
@@ -163,6 +164,6 @@ def run(settings: RunSettings) -> dict:
         pairs.assign(hessian="without Hessian", predicted=pairs["predicted_without_hessian"])[["predicted", "actual", "hessian"]],
     ])
     chart = scatter_chart(plotted, x="predicted", y="actual", color="hessian", title="Predicted vs actual change of conditional loss")
-    parameters = {**sizes, "l2": l2, "tolerance": TOLERANCE, "encoder_mode": "frozen", "head_epochs": project.config["training"]["head_epochs"]}
+    parameters = {**sizes, "l2": l2, "tolerance": TOLERANCE, **training_summary(project)}
     return write_result(settings, NAME, figures, started=started, parameters=parameters,
                         tables={"pairs": frame}, charts={"scatter": chart})
