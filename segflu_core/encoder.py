@@ -153,6 +153,12 @@ def case_type(word: str) -> int:
     return 4
 
 
+def has_token_types(model: nn.Module) -> bool:
+    """Return whether ``model`` has BERT-style ``embeddings.token_type_embeddings``."""
+    embeddings = getattr(getattr(model, "embeddings", None), "token_type_embeddings", None)
+    return isinstance(embeddings, nn.Embedding)
+
+
 def add_case_types(model: nn.Module, location: str) -> None:
     """Give ``model`` one token type embedding per entry of :data:`CASE_TYPES`.
 
@@ -168,11 +174,11 @@ def add_case_types(model: nn.Module, location: str) -> None:
         When the model has no ``embeddings.token_type_embeddings`` (BERT-style
         encoders have one, RoBERTa-style ones have a single unused row).
     """
-    embeddings = getattr(getattr(model, "embeddings", None), "token_type_embeddings", None)
-    if not isinstance(embeddings, nn.Embedding):
+    if not has_token_types(model):
         raise ValueError(
             f"encoder {location!r} has no token type embeddings to carry word case; train it without case embeddings"
         )
+    embeddings = model.embeddings.token_type_embeddings
     count = len(CASE_TYPES)
     if embeddings.num_embeddings >= count:
         return
@@ -240,10 +246,12 @@ class WordEncoder(nn.Module):
         excluded. ``None`` uses the encoder's limit,
         ``min(model_max_length, max_position_embeddings)`` minus the special
         tokens.
-    case_embeddings : bool
+    case_embeddings : bool or None
         Pass each word's :func:`case_type` to the encoder as the token type
         id of its pieces (see :func:`add_case_types`). Useful only when the
         encoder is fine-tuned, because the new rows start equal to row 0.
+        ``None`` turns them on when the tokenizer lowercases and the model
+        has token type embeddings.
 
     Attributes
     ----------
@@ -261,7 +269,7 @@ class WordEncoder(nn.Module):
         *,
         use_shape_features: bool | None = None,
         max_window_pieces: int | None = None,
-        case_embeddings: bool = False,
+        case_embeddings: bool | None = False,
     ):
         super().__init__()
         self.name = DEFAULT_ENCODER if name is None else str(name)
@@ -274,6 +282,8 @@ class WordEncoder(nn.Module):
             )
         self.lowercases = tokenizer_lowercases(self.tokenizer)
         self.use_shape_features = self.lowercases if use_shape_features is None else bool(use_shape_features)
+        if case_embeddings is None:
+            case_embeddings = tokenizer_lowercases(self.tokenizer) and has_token_types(self.model)
         self.case_embeddings = bool(case_embeddings)
         if self.case_embeddings:
             add_case_types(self.model, self.location)

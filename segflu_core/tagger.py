@@ -147,10 +147,13 @@ class Tagger(nn.Module):
         encoder: str | os.PathLike | None = None,
         dropout: float = 0.1,
         fine_tune_encoder: bool = True,
-        case_embeddings: bool = False,
+        case_embeddings: bool | None = False,
         device: str | torch.device = "cpu",
     ) -> "Tagger":
-        """Build an untrained tagger on ``encoder`` (a folder, a Hugging Face id or ``None`` for the default)."""
+        """Build an untrained tagger on ``encoder`` (a folder, a Hugging Face id or ``None`` for the default).
+
+        ``case_embeddings`` is passed to :class:`WordEncoder`; ``None`` decides from the encoder.
+        """
         word_encoder = WordEncoder(encoder, case_embeddings=case_embeddings)
         tagger = cls(word_encoder, labels, dropout=dropout, fine_tune_encoder=fine_tune_encoder)
         return tagger.to(resolve_device(device))

@@ -68,9 +68,10 @@ class TrainConfig:
         default=None, metadata={"help": "use only the first N training sentences; None uses all"}
     )
     head_epochs: int = field(default=60, metadata={"help": "passes over the cached features with a frozen encoder"})
-    case_embeddings: bool = field(
-        default=False,
-        metadata={"help": "pass each word's case to the encoder as its token type id; needs a fine-tuned encoder with token type embeddings"},
+    case_embeddings: bool | None = field(
+        default=None,
+        metadata={"help": "pass each word's case to the encoder as its token type id when fine-tuning; "
+                  "None does so when the tokenizer lowercases and the encoder has token type embeddings"},
     )
 
     def __post_init__(self) -> None:
@@ -84,6 +85,8 @@ class TrainConfig:
             or self.max_train_sentences < 1
         ):
             raise ValueError(f"expected max_train_sentences to be a positive integer or None, got {self.max_train_sentences!r}")
+        if self.case_embeddings not in (None, True, False):
+            raise ValueError(f"expected case_embeddings True, False or None, got {self.case_embeddings!r}")
         if self.case_embeddings and self.freeze_encoder:
             raise ValueError("expected case_embeddings=False with freeze_encoder=True: the case embeddings start "
                              "untrained and only fine-tuning the encoder trains them")
@@ -339,7 +342,7 @@ def train_tagger(
         raise ValueError("expected at least one training sentence with words, got none")
     tagger = Tagger.create(
         labels, encoder=encoder, dropout=config.dropout, fine_tune_encoder=not config.freeze_encoder,
-        case_embeddings=config.case_embeddings, device=config.device,
+        case_embeddings=False if config.freeze_encoder else config.case_embeddings, device=config.device,
     )
     logger.info(
         "training on %d sentences with %s, encoder %s, device %s",

@@ -82,3 +82,11 @@ def test_convert_writes_jsonl_for_jsonl_suffix(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "small.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [record["tokens"] for record in records] == [tokens for tokens, _ in sentences]
     assert [record["ner_tags"] for record in records] == [tags for _, tags in sentences]
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], None), (["--case-embeddings"], True), (["--no-case-embeddings"], False)])
+def test_train_case_embeddings_flag(flag, expected):
+    from segflu_core.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--train", "a.conll", "--dev", "b.conll", "--out", "p", *flag])
+    assert args.case_embeddings is expected

@@ -140,6 +140,10 @@ def test_shape_features_for_uncased_only(tiny_encoder, tmp_path):
     assert not cased.lowercases
     assert cased.feature_dim == cased.hidden_size
 
+    # Case embeddings left to the encoder (None) are on for the uncased tokenizer only.
+    assert WordEncoder(tiny_encoder, case_embeddings=None).case_embeddings
+    assert not WordEncoder(cased_folder, case_embeddings=None).case_embeddings
+
 
 def test_shape_feature_values():
     names_on = {

@@ -239,7 +239,8 @@ def test_dosage_quick_fine_tuned(tmp_path, tiny_encoder):
     check_common_keys(result, tmp_path / "out", "dosage")
     assert result["settings"]["encoder_mode"] == "fine-tuned"
     assert result["settings"]["fine_tune_epochs"] == 2
-    assert result["settings"]["case_embeddings"] is False
+    # The tiny encoder lowercases and has token types, so fine-tuning turns case embeddings on.
+    assert result["settings"]["case_embeddings"] is True
     project_config = json.loads((tmp_path / "out" / "dosage-work" / "project" / "project.json").read_text(encoding="utf-8"))
     assert project_config["training"]["freeze_encoder"] is False
     assert (tmp_path / "out" / "dosage-work" / "project" / "model" / "encoder").is_dir()
@@ -251,12 +252,11 @@ def test_tagger_config_follows_settings(tmp_path):
     frozen = tagger_config(RunSettings(data_dir=tmp_path))
     assert frozen.freeze_encoder is True
     assert frozen.head_epochs == 20
-    default_encoder = tagger_config(RunSettings(data_dir=tmp_path, fine_tune_epochs=4))
-    assert default_encoder.freeze_encoder is False
-    assert default_encoder.epochs == 4
-    assert default_encoder.case_embeddings is True
-    other_encoder = tagger_config(RunSettings(data_dir=tmp_path, fine_tune_epochs=4, encoder="some/cased-model"))
-    assert other_encoder.case_embeddings is False
+    fine_tuned = tagger_config(RunSettings(data_dir=tmp_path, fine_tune_epochs=4))
+    assert fine_tuned.freeze_encoder is False
+    assert fine_tuned.epochs == 4
+    assert fine_tuned.batch_size == 32
+    assert fine_tuned.case_embeddings is None
     with pytest.raises(ValueError, match="fine_tune_epochs"):
         RunSettings(data_dir=tmp_path, fine_tune_epochs=0)
 

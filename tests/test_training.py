@@ -81,7 +81,7 @@ def test_train_config_checks():
     assert TrainConfig(freeze_encoder=True).head_lr > 1e-3
     for bad in ({"epochs": 0}, {"batch_size": -1}, {"encoder_lr": 0.0}, {"dropout": 1.5}, {"warmup_ratio": 2.0},
                 {"device": "tpu"}, {"max_train_sentences": 0}, {"weight_decay": -1.0},
-                {"case_embeddings": True, "freeze_encoder": True}):
+                {"case_embeddings": True, "freeze_encoder": True}, {"case_embeddings": "yes"}):
         with pytest.raises(ValueError, match="expected"):
             TrainConfig(**bad)
 

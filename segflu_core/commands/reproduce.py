@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fine-tune-epochs", type=int, metavar="N",
         help="fine-tune the encoder for N epochs instead of training only the head on frozen features "
-        "(f1 trains both; its default is 3)",
+        "(f1 trains both; its default is 5)",
     )
     parser.add_argument("--progress", action="store_true", help="show progress bars")
 

@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--freeze-encoder", action="store_true", help="compute word features once and train only the emission layer and CRF on them")
     parser.add_argument(
         "--case-embeddings",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="when fine-tuning, pass each word's capitalisation to the encoder as its token type id "
-        "(BERT-style encoders; most useful with uncased ones)",
+        "(default: on for encoders whose tokenizer lowercases and that have token type embeddings)",
     )
     parser.add_argument("--epochs", type=int, metavar="N", help="training epochs when fine-tuning (default: 3)")
     parser.add_argument("--head-epochs", type=int, metavar="N", help="epochs of the head with --freeze-encoder (default: 60)")

@@ -31,8 +31,6 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_ENVIRONMENT = "SEGFLU_SHARED_DATA"
 PAPER_DATA = "segment_influence_paper/data/conll_corrected"
-# Fine-tuning the default encoder, which lowercases its input, passes word case through token types.
-DEFAULT_ENCODER_CASE_EMBEDDINGS = True
 
 
 def default_data_dir() -> Path:
@@ -192,7 +190,7 @@ def head_config(settings: RunSettings, *, head_epochs: int = 20):
 def fine_tune_config(settings: RunSettings, epochs: int):
     """Return the settings of a fine-tuned tagger: ``epochs`` epochs (1 in quick mode) with batch 32.
 
-    The default encoder gets case embeddings; another encoder is trained as it is.
+    Case embeddings follow the training default: on for an uncased encoder with token type embeddings.
     """
     from segflu_core.training import TrainConfig
 
@@ -200,7 +198,6 @@ def fine_tune_config(settings: RunSettings, epochs: int):
         freeze_encoder=False,
         epochs=1 if settings.quick else epochs,
         batch_size=32,
-        case_embeddings=settings.encoder is None and DEFAULT_ENCODER_CASE_EMBEDDINGS,
         seed=settings.seed,
         device=settings.device,
     )
@@ -218,7 +215,8 @@ def training_summary(project) -> dict:
     training = project.config["training"]
     if training["freeze_encoder"]:
         return {"encoder_mode": "frozen", "head_epochs": training["head_epochs"]}
-    return {"encoder_mode": "fine-tuned", "epochs": training["epochs"], "case_embeddings": training.get("case_embeddings", False)}
+    model_config = json.loads((project.path / "model" / "config.json").read_text(encoding="utf-8"))
+    return {"encoder_mode": "fine-tuned", "epochs": training["epochs"], "case_embeddings": model_config.get("case_embeddings", False)}
 
 
 def train_and_index(

@@ -6,7 +6,7 @@ tested on the original ``eng.testb``, whose IOB1 tags are read as IOB2.
 Jain et al. (2022) report 92 test F1 with BigBird-base fine-tuned on a GPU.
 
 The frozen tagger trains its head for 20 epochs. The fine-tuned one trains
-for ``--fine-tune-epochs`` epochs (default 3) with batch 32 on every training
+for ``--fine-tune-epochs`` epochs (default 5) with batch 32 on every training
 sentence, with case embeddings for the default encoder
 (:func:`segflu_core.reproduce.common.fine_tune_config`).
 """
@@ -36,7 +36,7 @@ TRAIN_FILE = "conllpp/conllpp_train.txt"
 DEV_FILE = "conllpp/conllpp_dev.txt"
 TEST_FILE = "conll2003_original/eng.testb"
 QUICK_SENTENCES = {"train": 60, "dev": 20, "test": 20}
-FINE_TUNE_EPOCHS = 3
+FINE_TUNE_EPOCHS = 5
 
 
 def read_splits(settings: RunSettings) -> dict:
