@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--head-epochs", type=int, default=60, help="head epochs with a frozen encoder")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--encoder-lr", type=float, default=5e-5, help="AdamW learning rate of the encoder")
-    parser.add_argument("--case-embeddings", action="store_true", help="pass word case to the encoder as token type ids")
+    parser.add_argument("--case-embeddings", action=argparse.BooleanOptionalAction,
+                        help="pass word case to the encoder as token type ids (default: on for uncased encoders)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--name", help="result file name (default: train-conll-MODE)")
     parser.add_argument("--out", required=True, help="project folder to create")
