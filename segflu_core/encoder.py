@@ -283,7 +283,7 @@ class WordEncoder(nn.Module):
         self.lowercases = tokenizer_lowercases(self.tokenizer)
         self.use_shape_features = self.lowercases if use_shape_features is None else bool(use_shape_features)
         if case_embeddings is None:
-            case_embeddings = tokenizer_lowercases(self.tokenizer) and has_token_types(self.model)
+            case_embeddings = self.lowercases and has_token_types(self.model)
         self.case_embeddings = bool(case_embeddings)
         if self.case_embeddings:
             add_case_types(self.model, self.location)
@@ -337,25 +337,25 @@ class WordEncoder(nn.Module):
 
     def _plan_windows(
         self, pieces: list[list[list[int]]], max_words: int, word_types: list[list[int]] | None = None
-    ) -> tuple[list[list[int]], list[list[int]], list[int], list[int], list[int]]:
+    ) -> tuple[list[list[int]], list[list[int]] | None, list[int], list[int], list[int]]:
         """Split sentences into encoder windows and map each used piece to its word.
 
         ``word_types`` gives a token type id per word, which all its pieces
-        take; special tokens and pieces of words without one get type 0.
+        take; special tokens get type 0.
 
         Returns
         -------
         window_ids : list of list of int
             Piece ids of each window, special tokens included.
-        window_types : list of list of int
-            Token type ids, in the same layout as ``window_ids``.
+        window_types : list of list of int, or None
+            Token type ids in the same layout as ``window_ids``; None without ``word_types``.
         rows, columns : list of int
             Window index and position of each piece that feeds a word vector.
         targets : list of int
             Flat word index ``sentence * max_words + word`` of each such piece.
         """
         window_ids: list[list[int]] = []
-        window_types: list[list[int]] = []
+        window_types: list[list[int]] | None = None if word_types is None else []
         rows: list[int] = []
         columns: list[int] = []
         targets: list[int] = []
@@ -367,13 +367,14 @@ class WordEncoder(nn.Module):
                 # first pieces, so that some window contains all of them.
                 words = [ids[: max(1, max_pieces // 2)] for ids in words]
             flat = [piece for ids in words for piece in ids]
-            types = [word_types[sentence][word] if word_types else 0 for word, ids in enumerate(words) for _ in ids]
             starts = window_starts(len(flat), max_pieces)
             first_row = len(window_ids)
-            prefix_types, suffix_types = [0] * len(self._prefix_ids), [0] * len(self._suffix_ids)
             for start in starts:
                 window_ids.append(self._prefix_ids + flat[start : start + max_pieces] + self._suffix_ids)
-                window_types.append(prefix_types + types[start : start + max_pieces] + suffix_types)
+            if window_types is not None:
+                types = [word_types[sentence][word] for word, ids in enumerate(words) for _ in ids]
+                prefix_types, suffix_types = [0] * len(self._prefix_ids), [0] * len(self._suffix_ids)
+                window_types.extend(prefix_types + types[start : start + max_pieces] + suffix_types for start in starts)
             word_start = 0
             for word, ids in enumerate(words):
                 word_end = word_start + len(ids)
@@ -446,7 +447,7 @@ class WordEncoder(nn.Module):
             window_ids, window_types, rows, columns, targets = self._plan_windows(
                 self.word_pieces(token_lists), max_words, word_types
             )
-            hidden = self._encode_windows(window_ids, window_types if self.case_embeddings else None)
+            hidden = self._encode_windows(window_ids, window_types)
             target_index = torch.tensor(targets, dtype=torch.long, device=self.device)
             # shape: (pieces, hidden), the piece vectors each word averages
             piece_vectors = hidden[torch.tensor(rows, device=self.device), torch.tensor(columns, device=self.device)]

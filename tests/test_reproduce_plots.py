@@ -21,10 +21,10 @@ def long_curves(documents: int = 900) -> pd.DataFrame:
 def test_thin_curves_keeps_ends_and_values():
     frame = long_curves()
     thinned = thin_curves(frame, "documents")
-    kept = np.sort(thinned["documents"].unique())
-    assert len(kept) == CURVE_POINTS
-    assert kept[0] == 1
-    assert kept[-1] == 900
+    drawn = np.sort(thinned["documents"].unique())
+    assert len(drawn) == CURVE_POINTS
+    assert drawn[0] == 1
+    assert drawn[-1] == 900
     merged = thinned.merge(frame, on=["noise", "method", "documents"], suffixes=("", "_full"))
     assert len(merged) == len(thinned)
     np.testing.assert_array_equal(merged["found"], merged["found_full"])

@@ -138,7 +138,7 @@ def emission_terms(query: HeadParams, features: np.ndarray, residuals: np.ndarra
 
 
 def edge_codes(index: InfluenceIndex, granularity: str) -> np.ndarray:
-    """Return, per training word, its row of the table built by :func:`edge_table`; int64, shape (N,).
+    """Return each training word's row code in the table of :func:`edge_table`, int64 of shape (N,).
 
     A word's score adds ``r_uᵀ (entering[p] + leaving[n])`` with row code
     ``p·(C + 2) + n``. Code 0 is the start (end) transition at a sentence's
@@ -274,7 +274,7 @@ def top_word_influences(index: InfluenceIndex, query: HeadParams, top_k: int, ke
         float32 scores.
     """
     features = index.features("train")
-    residuals = index.cached("train_word_residuals", lambda: np.asarray(index["train_word_residuals"]))
+    residuals = index["train_word_residuals"]
     order = index.cached("word_scan_order", lambda: ScanOrder.build(features, residuals))
     codes = index.cached("word_edge_codes", lambda: edge_codes(index, "word"))
     table = edge_table(query)

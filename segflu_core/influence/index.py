@@ -656,11 +656,11 @@ def edge_gradients(index: "InfluenceIndex", granularity: str, items=None) -> tup
     """Rebuild the transition, start and end gradients ``G_A``, ``G_π``, ``G_ω`` of training spans or sentences.
 
     Only the transition gradients of sentences and of spans of two or more
-    words are stored. The rest follows from the per-word arrays: ``G_π`` is
-    the item's residual at the sentence's first word when the item contains
-    it (zero otherwise), ``G_ω`` likewise at the last word, and a one-word
-    span's ``G_A`` is ``onehot(y_{t-1}) r_tᵀ + r_t onehot(y_{t+1})ᵀ`` with the
-    terms of missing neighbours left out.
+    words are stored, and the rest follows from the per-word arrays. ``G_π``
+    is the item's residual at the sentence's first word when the item
+    contains it, and zero otherwise. ``G_ω`` is the same at the last word. A
+    one-word span's ``G_A`` is ``onehot(y_{t-1}) r_tᵀ + r_t onehot(y_{t+1})ᵀ``,
+    without the term of a missing neighbour.
 
     Parameters
     ----------

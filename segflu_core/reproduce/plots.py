@@ -58,8 +58,8 @@ def thin_curves(frame: pd.DataFrame, x: str, max_points: int = CURVE_POINTS) -> 
     values = np.sort(frame[x].unique())
     if len(values) <= max_points:
         return frame
-    kept = values[np.unique(np.linspace(0, len(values) - 1, max_points).round().astype(int))]
-    return frame[frame[x].isin(kept)].reset_index(drop=True)
+    sampled_values = values[np.unique(np.linspace(0, len(values) - 1, max_points).round().astype(int))]
+    return frame[frame[x].isin(sampled_values)].reset_index(drop=True)
 
 
 def curve_chart(frame: pd.DataFrame, *, x: str, y: str, color: str, facet: str | None = None, title: str = ""):
